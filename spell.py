@@ -1,0 +1,1529 @@
+"""spell: a runtime for signed SpellBundles.
+
+A SpellBundle is a versioned automation: a ``spell.yaml`` manifest, a JSON Schema
+for its input and step files.  This module installs bundles (from a folder or a
+pinned git ref), verifies their Ed25519 signatures against a local trust store,
+enforces a local policy, gates billing behind signed entitlement tokens, casts
+them on the host or in a hardened docker container, and serves the Execution
+API with its receipts page.  The step engine lives in ``spell_runner``, which
+uses the standard library only and is imported here for host mode.
+
+It keeps the command line, messages, files and API of spell-runtime 1.2.5 and
+fixes its weaknesses; ``docs/compatibility.md`` lists every difference.
+
+Known limitations:
+- Locale ("ICU root") ordering is emulated exactly for printable ASCII only;
+  other characters sort after it by code point (docs/compatibility.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+import spell_runner
+
+__version__ = "0.1.0"
+
+
+# Constants and limits ########################################################
+
+#: Where the store lives when neither SPELL_HOME nor HOME says otherwise.
+DEFAULT_STORE_NAME = ".spell"
+#: Folders of the store, created 0700 (they hold inputs, logs and licences).
+STORE_DIRS = ("spells", "logs", "trust/publishers", "licenses")
+STORE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+#: A manifest is a few KiB; 1 MiB leaves room while refusing junk at once.
+MANIFEST_MAX_BYTES = 1024 * 1024
+#: Schemas, signatures, trust files, licences and policies are small JSON files.
+JSON_FILE_MAX_BYTES = 1024 * 1024
+#: Execution logs hold capped step output; 64 MiB bounds `spell log`.
+LOG_MAX_BYTES = 64 * 1024 * 1024
+#: YAML limits: nesting depth, alias uses and nodes after alias expansion.
+YAML_MAX_DEPTH = 64
+YAML_MAX_ALIASES = 100
+YAML_MAX_NODES = 100_000
+#: JSON nesting accepted from any file or request.
+JSON_MAX_DEPTH = 200
+#: Git may be slow on a large repository, but never hang a CLI forever.
+GIT_TIMEOUT_SECONDS = 300
+#: Manifest field lengths, in UTF-16 code units as the original counts them.
+ID_MAX_LENGTH = 200
+VERSION_MAX_LENGTH = 50
+#: Longest file name most filesystems allow.
+NAME_MAX = 255
+
+RISKS = ("low", "medium", "high", "critical")
+BILLING_MODES = ("none", "upfront", "on_success", "subscription")
+EXECUTIONS = ("host", "docker")
+STEP_KINDS = ("shell", "http")
+CHECK_TYPES = ("exit_code", "file_exists", "http_status", "jsonpath_equals")
+
+
+# Errors ######################################################################
+
+
+class SpellError(Exception):
+    """An expected failure: one line for the CLI, a JSON error for the API.
+
+    ``message`` is the user-facing text (a contract: see docs/compatibility.md);
+    the class attributes say how the CLI and the API report it.
+    """
+
+    error_code = "SPELL_ERROR"
+    http_status = 400
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(SpellError):
+    """Bad command-line arguments; the usage of the command follows the line."""
+
+    error_code = "BAD_REQUEST"
+
+    def __init__(self, message: str, usage: str = ""):
+        super().__init__(message)
+        self.usage = usage
+
+
+class NotFound(SpellError):
+    error_code = "NOT_FOUND"
+    http_status = 404
+
+
+class ManifestError(SpellError):
+    error_code = "INVALID_MANIFEST"
+
+
+class InstallError(SpellError):
+    error_code = "INSTALL_FAILED"
+
+
+class SignatureError(SpellError):
+    error_code = "SIGNATURE_INVALID"
+
+
+class PolicyDenied(SpellError):
+    error_code = "POLICY_DENIED"
+    http_status = 403
+
+
+class MissingDependency(SpellError):
+    error_code = "MISSING_DEPENDENCY"
+    http_status = 500
+
+
+# Text and JSON helpers #######################################################
+
+#: JavaScript's String.prototype.trim strips these, U+FEFF included.
+_JS_SPACE = (
+    " \t\n\v\f\r\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+    "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
+_BASE64URL_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def js_trim(text: str) -> str:
+    """Trim like JavaScript (Unicode spaces and U+FEFF)."""
+    return text.strip(_JS_SPACE)
+
+
+def has_control_chars(text: str) -> bool:
+    """True when ``text`` holds U+0000-U+001F or U+007F."""
+    return _CONTROL_RE.search(text) is not None
+
+
+def utf16_length(text: str) -> int:
+    """Length in UTF-16 code units, as JavaScript counts ``.length``."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def b64url_encode(data: bytes) -> str:
+    """RFC 4648 section 5 base64url without padding."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url that already passed ``^[A-Za-z0-9_-]+$``, padding it."""
+    if not _BASE64URL_RE.match(text):
+        raise ValueError("not base64url")
+    if len(text) % 4 == 1:
+        # One stray character carries no whole byte; drop it as Node does.
+        text = text[:-1]
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def is_base64url(text: str) -> bool:
+    return isinstance(text, str) and _BASE64URL_RE.match(text) is not None
+
+
+def id_key(value: str) -> str:
+    """Storage key of an id, publisher or licence name: base64url of UTF-8."""
+    return b64url_encode(value.encode("utf-8"))
+
+
+def sanitize(text: str) -> str:
+    """Replace each UTF-16 unit outside ``[A-Za-z0-9._-]`` by ``_``."""
+    out = []
+    for ch in text:
+        if ch.isascii() and (ch.isalnum() or ch in "._-"):
+            out.append(ch)
+        else:
+            out.append("_" * (2 if ord(ch) > 0xFFFF else 1))
+    return "".join(out)
+
+
+def escape_text(text: str) -> str:
+    """Make a string safe to print on one terminal line.
+
+    Control characters (newlines and escape sequences included) become visible
+    escapes, so nothing a bundle says can forge an output line or drive the
+    terminal.
+    """
+
+    def repl(match: re.Match) -> str:
+        ch = match.group(0)
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{ord(ch):02x}")
+
+    return re.sub("[\x00-\x1f\x7f-\x9f\u2028\u2029]", repl, text)
+
+
+def js_number(value) -> str:
+    """A number as JavaScript prints it (``10`` not ``10.0``, ``1e+21``)."""
+    return spell_runner.dumps_js(value)
+
+
+def dump_json(value) -> str:
+    """Pretty JSON as the original writes its files: 2 spaces, trailing newline."""
+    return spell_runner.dumps_js(value, indent=2) + "\n"
+
+
+#: Primary collation ranks of printable ASCII in ICU root order (letters
+#: case-folded); verified against Node's localeCompare, see docs/compatibility.md.
+_LOCALE_ORDER = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmnopqrstuvwxyz"
+_LOCALE_RANK = {ch: i for i, ch in enumerate(_LOCALE_ORDER)}
+
+
+def locale_key(text: str) -> tuple:
+    """Sort key emulating JavaScript ``localeCompare`` (ICU root collation).
+
+    Exact for printable ASCII; other characters rank after it by code point.
+    """
+    primary = tuple(
+        _LOCALE_RANK.get(ch.lower() if ch.isascii() else ch, 1000 + ord(ch))
+        for ch in text
+    )
+    case = tuple(1 if ("A" <= ch <= "Z") else 0 for ch in text)
+    return (primary, case)
+
+
+_SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+
+def pick_latest(versions: list[str]) -> str:
+    """The original's "latest": plain X.Y.Z numerically first, then the rest.
+
+    Ties and non-semver names fall back to descending locale order.
+    """
+
+    def rank(name: str):
+        m = _SEMVER_RE.match(name)
+        nums = tuple(int(g) for g in m.groups()) if m else ()
+        return (1 if m else 0, nums, locale_key(name))
+
+    return max(versions, key=rank)
+
+
+def parse_json_text(text: str):
+    """Parse JSON like JavaScript does: no NaN or Infinity, bounded depth.
+
+    Raises ``ValueError`` with the parser's detail.
+    """
+
+    def reject_constant(name: str):
+        raise ValueError(f"Unexpected token {name} in JSON")
+
+    value = json.loads(text, parse_constant=reject_constant)
+    _check_depth(value, JSON_MAX_DEPTH)
+    return value
+
+
+def _check_depth(value, limit: int) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise ValueError(f"JSON nested deeper than {limit} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def node_error(exc: OSError, syscall: str, path: str) -> str:
+    """An OS error in Node's words: ``ENOENT: no such file or directory, open '<p>'``."""
+    code = errno.errorcode.get(exc.errno or 0, "EIO")
+    reason = (exc.strerror or "error").lower()
+    return f"{code}: {reason}, {syscall} '{path}'"
+
+
+def require(module: str, package: str):
+    """Import a run-time dependency, or say which package to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(
+            f"missing dependency: the Python package '{package}' is not installed "
+            f"(install it with: python3 -m pip install {package})"
+        ) from None
+
+
+# Store: paths and files ######################################################
+
+
+def store_root(env=None) -> str:
+    """The store folder: ``$SPELL_HOME``, else ``$HOME/.spell``, read at call time."""
+    env = os.environ if env is None else env
+    home = env.get("SPELL_HOME", "")
+    if home.strip():
+        if "\x00" in home:
+            raise SpellError("SPELL_HOME must not contain NUL characters")
+        return os.path.abspath(home)
+    user_home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(os.path.abspath(user_home), DEFAULT_STORE_NAME)
+
+
+def store_path(*parts: str, env=None) -> str:
+    return os.path.join(store_root(env), *parts)
+
+
+def ensure_dir(path: str) -> None:
+    """Create ``path`` and missing parents with mode 0700."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        ensure_dir(parent)
+    try:
+        os.mkdir(path, STORE_DIR_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(path, STORE_DIR_MODE)
+
+
+def ensure_store_dirs(env=None) -> None:
+    """Create the four store folders (spec: every install and cast log does)."""
+    for name in STORE_DIRS:
+        ensure_dir(store_path(name, env=env))
+
+
+def write_atomic(path: str, data: bytes | str, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write a file so readers see the old content or the new, never half.
+
+    A temporary file beside the target is created exclusively, written, synced
+    and renamed over the target; on failure it is removed.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_file(path: str, limit: int, what: str, *, follow_symlinks: bool = False) -> bytes:
+    """Read a regular file of at most ``limit`` bytes.
+
+    FIFOs, devices, folders and (unless allowed) symlinks are refused before a
+    single byte is read, so ``/dev/zero`` or a FIFO can never hang the caller.
+    Raises ``OSError`` when the file cannot be opened, ``SpellError`` otherwise.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpellError(f"{what} must not be a symlink: {path}") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SpellError(f"{what} is not a regular file: {path}")
+        if info.st_size > limit:
+            raise SpellError(f"{what} is larger than {limit} bytes: {path}")
+        chunks = []
+        size = 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise SpellError(f"{what} is larger than {limit} bytes: {path}")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_json_file(path: str, what: str, *, limit: int = JSON_FILE_MAX_BYTES):
+    """Read and parse a JSON file with ``read_file``'s checks.
+
+    Raises ``OSError`` (cannot open), ``SpellError`` (not a regular file, too
+    big) or ``ValueError`` (not UTF-8 or not JSON) for the caller to word.
+    """
+    data = read_file(path, limit, what)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+    return parse_json_text(text)
+
+
+def iso_now() -> str:
+    return spell_runner.iso_now()
+
+
+# Manifest ####################################################################
+
+
+class YamlTimestamp(str):
+    """A YAML timestamp, kept as its ISO string; it is not a manifest string."""
+
+
+_yaml_loader = None
+
+
+def _yaml_loader_class():
+    """A PyYAML loader with the original's YAML 1.2 core semantics.
+
+    Only ``true``/``false`` (three casings) are booleans, ``010`` is decimal,
+    ``0o``/``0x``/``0b`` prefixes work, timestamps are recognised and duplicate
+    keys are an error.  Depth, alias uses and expanded size are bounded.
+    """
+    global _yaml_loader  # a cache of an immutable class, built once
+    if _yaml_loader is not None:
+        return _yaml_loader
+    yaml = require("yaml", "PyYAML")
+
+    class Loader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self._depth = 0
+            self._aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self._aliases += 1
+                if self._aliases > YAML_MAX_ALIASES:
+                    raise yaml.YAMLError(f"more than {YAML_MAX_ALIASES} aliases")
+            self._depth += 1
+            if self._depth > YAML_MAX_DEPTH:
+                raise yaml.YAMLError(f"nesting deeper than {YAML_MAX_DEPTH} levels")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "unhashable mapping key", key_node.start_mark
+                    ) from None
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicated mapping key '{key}'", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    Loader.yaml_implicit_resolvers = {}
+    resolvers = [
+        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        (
+            "int",
+            r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$",
+            "-+0123456789",
+        ),
+        (
+            "float",
+            r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?"
+            r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+            "-+0123456789.",
+        ),
+        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+        (
+            "timestamp",
+            r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}"
+            r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt]|[ \t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}"
+            r"(?:\.[0-9]*)?(?:[ \t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?)$",
+            "0123456789",
+        ),
+    ]
+    for name, pattern, first in resolvers:
+        Loader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", re.compile(pattern), first)
+
+    def construct_int(loader, node):
+        text = loader.construct_scalar(node).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        text = text.lstrip("+-")
+        for prefix, base in (("0o", 8), ("0x", 16), ("0b", 2)):
+            if text.startswith(prefix):
+                return sign * int(text[2:], base)
+        return sign * int(text, 10)
+
+    def construct_float(loader, node):
+        text = loader.construct_scalar(node).replace("_", "").lower()
+        if text.endswith(".inf"):
+            return float("-inf") if text.startswith("-") else float("inf")
+        if text == ".nan":
+            return float("nan")
+        return float(text)
+
+    def construct_timestamp(loader, node):
+        value = yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+        import datetime as _dt
+
+        if not isinstance(value, _dt.datetime):
+            value = _dt.datetime(value.year, value.month, value.day)
+        if value.tzinfo is not None:
+            value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+        return YamlTimestamp(value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z")
+
+    Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    Loader.add_constructor("tag:yaml.org,2002:float", construct_float)
+    Loader.add_constructor("tag:yaml.org,2002:timestamp", construct_timestamp)
+    _yaml_loader = Loader
+    return Loader
+
+
+def _expanded_size(value, limit: int) -> int:
+    """Count nodes as if aliases were copied; stop once past ``limit``."""
+    memo: dict[int, int] = {}
+
+    def size(item) -> int:
+        if isinstance(item, (dict, list)):
+            key = id(item)
+            if key in memo:
+                return memo[key]
+            memo[key] = limit + 1  # a cycle counts as too big
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            total = 1
+            for _, child in children:
+                total += size(child)
+                if total > limit:
+                    break
+            memo[key] = total
+            return total
+        return 1
+
+    return size(value)
+
+
+def parse_manifest_yaml(data: bytes):
+    """Parse manifest bytes; raises ``ManifestError`` with the original's prefix."""
+    yaml = require("yaml", "PyYAML")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"failed to parse spell.yaml: invalid UTF-8 at byte {exc.start}"
+        ) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    loader = _yaml_loader_class()(text)
+    try:
+        try:
+            value = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ManifestError(f"failed to parse spell.yaml: {detail}") from None
+    if _expanded_size(value, YAML_MAX_NODES) > YAML_MAX_NODES:
+        raise ManifestError(
+            f"failed to parse spell.yaml: document expands to more than "
+            f"{YAML_MAX_NODES} nodes"
+        )
+    return value
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str) and not isinstance(value, YamlTimestamp)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_string(obj: dict, key: str) -> str:
+    value = obj.get(key)
+    if not _is_str(value):
+        raise ManifestError(f"missing or invalid string field: {key}")
+    if not js_trim(value):
+        raise ManifestError(f"field must not be empty: {key}")
+    return value
+
+
+def _require_array(obj: dict, key: str) -> list:
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise ManifestError(f"missing or invalid array field: {key}")
+    return value
+
+
+def _require_mapping(obj: dict, key: str) -> dict:
+    value = obj.get(key)
+    if not isinstance(value, dict):
+        raise ManifestError(f"missing or invalid object field: {key}")
+    return value
+
+
+def _require_bool(obj: dict, key: str) -> bool:
+    value = obj.get(key)
+    if not isinstance(value, bool):
+        raise ManifestError(f"missing or invalid boolean field: {key}")
+    return value
+
+
+def _path_escapes(root: str, target: str) -> bool:
+    """True when ``target`` (absolute, normalised) lies outside ``root``."""
+    rel = os.path.relpath(target, root)
+    return rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel)
+
+
+def validate_manifest(raw, root: str) -> dict:
+    """Validate a parsed manifest in the original's order and words.
+
+    Returns a normalised copy (``params`` forced to mappings, blank docker
+    images dropped) and checks the files it names exist under ``root``.
+    """
+    if not isinstance(raw, dict):
+        raise ManifestError("spell.yaml must be a mapping object")
+    fields = {key: _require_string(raw, key) for key in
+              ("id", "version", "name", "summary", "inputs_schema")}
+    spell_id, version = fields["id"], fields["version"]
+    if utf16_length(spell_id) > ID_MAX_LENGTH:
+        raise ManifestError(f"id must be <= {ID_MAX_LENGTH} characters")
+    if has_control_chars(spell_id):
+        raise ManifestError("id must not contain control characters")
+    if utf16_length(version) > VERSION_MAX_LENGTH:
+        raise ManifestError(f"version must be <= {VERSION_MAX_LENGTH} characters")
+    if has_control_chars(version):
+        raise ManifestError("version must not contain control characters")
+    if "/" in version or "\\" in version or version in (".", ".."):
+        # The version names a folder of the store: it must be one safe name.
+        raise ManifestError(f"version must not contain '/' or '\\' or be '.' or '..': {version}")
+
+    risk = _require_string(raw, "risk")
+    if risk not in RISKS:
+        raise ManifestError(f"invalid risk: {risk}")
+
+    permissions = []
+    for i, item in enumerate(_require_array(raw, "permissions")):
+        if not isinstance(item, dict):
+            raise ManifestError(f"permissions[{i}] must be an object")
+        connector = _require_string(item, "connector")
+        scopes = _require_array(item, "scopes")
+        for j, scope in enumerate(scopes):
+            if not _is_str(scope) or not js_trim(scope):
+                raise ManifestError(f"permissions[{i}].scopes[{j}] must be a non-empty string")
+        if not scopes:
+            raise ManifestError(f"permissions[{i}].scopes must not be empty")
+        permissions.append({"connector": connector, "scopes": list(scopes)})
+
+    effects = []
+    for i, item in enumerate(_require_array(raw, "effects")):
+        if not isinstance(item, dict):
+            raise ManifestError(f"effects[{i}] must be an object")
+        effect_type = _require_string(item, "type")
+        target = _require_string(item, "target")
+        mutates = _require_bool(item, "mutates")
+        effects.append({"type": effect_type, "target": target, "mutates": mutates})
+
+    billing_raw = _require_mapping(raw, "billing")
+    enabled = _require_bool(billing_raw, "enabled")
+    mode = _require_string(billing_raw, "mode")
+    currency = _require_string(billing_raw, "currency")
+    max_amount = billing_raw.get("max_amount")
+    if not _is_number(max_amount) or max_amount != max_amount:
+        raise ManifestError("missing or invalid number field: max_amount")
+    if mode not in BILLING_MODES:
+        raise ManifestError(f"invalid billing.mode: {mode}")
+    billing = {"enabled": enabled, "mode": mode, "currency": currency,
+               "max_amount": max_amount}
+
+    runtime_raw = _require_mapping(raw, "runtime")
+    execution = _require_string(runtime_raw, "execution")
+    if execution not in EXECUTIONS:
+        raise ManifestError(f"invalid runtime.execution: {execution}")
+    platforms = _require_array(runtime_raw, "platforms")
+    for i, item in enumerate(platforms):
+        if not _is_str(item) or not js_trim(item):
+            raise ManifestError(f"runtime.platforms[{i}] must be a non-empty string")
+    runtime = {"execution": execution, "platforms": list(platforms)}
+    image = runtime_raw.get("docker_image")
+    if _is_str(image) and js_trim(image):
+        runtime["docker_image"] = image
+    elif execution == "docker":
+        raise ManifestError("runtime.docker_image is required when runtime.execution=docker")
+
+    steps_raw = _require_array(raw, "steps")
+    if not steps_raw:
+        raise ManifestError("steps must not be empty")
+    steps, names = [], set()
+    for i, item in enumerate(steps_raw):
+        if not isinstance(item, dict):
+            raise ManifestError(f"steps[{i}] must be an object")
+        uses = _require_string(item, "uses")
+        if uses not in STEP_KINDS:
+            raise ManifestError(f"invalid steps[{i}].uses: {uses}")
+        name = _require_string(item, "name")
+        if name in names:
+            raise ManifestError(f"duplicate step name: {name}")
+        names.add(name)
+        run = _require_string(item, "run")
+        steps.append({"uses": uses, "name": name, "run": run})
+
+    checks_raw = _require_array(raw, "checks")
+    if not checks_raw:
+        raise ManifestError("checks must not be empty")
+    checks = []
+    for i, item in enumerate(checks_raw):
+        if not isinstance(item, dict):
+            raise ManifestError(f"checks[{i}] must be an object")
+        check_type = _require_string(item, "type")
+        if check_type not in CHECK_TYPES:
+            raise ManifestError(f"invalid checks[{i}].type: {check_type}")
+        params = item.get("params")
+        checks.append({"type": check_type, "params": params if isinstance(params, dict) else {}})
+
+    _check_bundle_files(root, fields["inputs_schema"], steps)
+    manifest = dict(fields)
+    manifest.update(risk=risk, permissions=permissions, effects=effects,
+                    billing=billing, runtime=runtime, steps=steps, checks=checks)
+    return manifest
+
+
+def _check_exists(path: str) -> None:
+    try:
+        os.lstat(path)
+    except OSError as exc:
+        raise ManifestError(node_error(exc, "access", path)) from None
+
+
+def _check_bundle_files(root: str, inputs_schema: str, steps: list) -> None:
+    schema_path = os.path.normpath(os.path.join(root, inputs_schema))
+    if _path_escapes(root, schema_path):
+        raise ManifestError("inputs_schema escapes bundle root")
+    if os.path.basename(schema_path) != "schema.json":
+        raise ManifestError("inputs_schema must point to schema.json in v1")
+    _check_exists(schema_path)
+    _check_exists(os.path.join(root, "schema.json"))
+    steps_dir = os.path.join(root, "steps")
+    try:
+        info = os.stat(steps_dir)
+    except OSError as exc:
+        raise ManifestError(node_error(exc, "stat", steps_dir)) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ManifestError("steps/ must be a directory")
+    for step in steps:
+        run_path = os.path.normpath(os.path.join(root, step["run"]))
+        if _path_escapes(root, run_path):
+            raise ManifestError(f"step '{step['name']}' run path escapes bundle root")
+        _check_exists(run_path)
+
+
+def load_manifest(root: str) -> dict:
+    """Load and validate ``<root>/spell.yaml`` (root must be absolute)."""
+    path = os.path.join(root, "spell.yaml")
+    try:
+        data = read_file(path, MANIFEST_MAX_BYTES, "spell.yaml")
+    except OSError:
+        raise ManifestError(f"spell.yaml not found: {path}") from None
+    return validate_manifest(parse_manifest_yaml(data), root)
+
+
+def publisher_from_id(spell_id: str) -> str:
+    """The publisher of an id: the part before the first ``/``."""
+    return spell_id.split("/", 1)[0]
+
+
+# Install and the store #######################################################
+
+_GIT_SCP_RE = re.compile(r"^git@[^:]+:.+")
+#: Refs are names or hashes; anything that git could read as an option is refused.
+_GIT_REF_RE = re.compile(r"^[A-Za-z0-9._/+@{}~^-]+$")
+_FULL_SHA_RE = re.compile(r"^[0-9a-fA-F]{40}(?:[0-9a-fA-F]{24})?$")
+
+
+def is_git_source(source: str) -> bool:
+    lowered = source.lower()
+    return (lowered.startswith("https://") or lowered.startswith("ssh://")
+            or _GIT_SCP_RE.match(source) is not None)
+
+
+def _new_temp_dir(prefix: str) -> str:
+    """A private folder under ``<store>/tmp`` (same filesystem as the store)."""
+    base = store_path("tmp")
+    ensure_dir(base)
+    _clean_stale_temp_dirs(base)
+    path = os.path.join(base, f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(path, STORE_DIR_MODE)
+    return path
+
+
+def _clean_stale_temp_dirs(base: str) -> None:
+    """Remove temp folders left by processes that died (killed installs)."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or not parts[-2].isdigit():
+            continue
+        pid = int(parts[-2])
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
+def _run_git(args: list[str], source: str, prefix: str) -> str:
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="", SSH_ASKPASS="")
+    # Command transports (ext::, fd::) could run programs; never allow them.
+    cmd = ["git", "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never",
+           "-c", "core.hooksPath=/dev/null", *args]
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                              env=env, timeout=GIT_TIMEOUT_SECONDS)
+    except FileNotFoundError:
+        raise InstallError("git executable not found: install git and ensure it is on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise InstallError(f"{prefix}: git timed out after {GIT_TIMEOUT_SECONDS}s") from None
+    except OSError as exc:
+        raise InstallError(f"failed to run git command for '{source}': {exc}") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr.decode("utf-8", "replace").strip()
+                  or proc.stdout.decode("utf-8", "replace").strip()
+                  or f"git exited with code {proc.returncode}")
+        raise InstallError(f"{prefix}: {' '.join(detail.split())}")
+    return proc.stdout.decode("utf-8", "replace")
+
+
+def _fetch_git(source: str, workdir: str) -> tuple[str, str, str]:
+    """Fetch ``<url>#<ref>`` into ``workdir/bundle``; return (path, ref, commit)."""
+    url, sep, ref = source.rpartition("#")
+    if not sep or not ref or not url:
+        raise InstallError("git source requires explicit ref (#<ref>)")
+    if url.startswith("-") or ref.startswith("-") or not _GIT_REF_RE.match(ref):
+        raise InstallError(f"invalid git ref or url in source: {source}")
+    clone_prefix = f"failed to clone git source '{source}'"
+    target = os.path.join(workdir, "bundle")
+    if _FULL_SHA_RE.match(ref):
+        # A commit: fetch just it when the server allows, else the whole history.
+        _run_git(["init", "-q", "--", target], source, clone_prefix)
+        _run_git(["-C", target, "remote", "add", "origin", "--", url], source, clone_prefix)
+        try:
+            _run_git(["-C", target, "fetch", "-q", "--depth", "1", "origin", ref],
+                     source, clone_prefix)
+        except InstallError:
+            _run_git(["-C", target, "fetch", "-q", "origin"], source, clone_prefix)
+        _run_git(["-C", target, "-c", "advice.detachedHead=false", "checkout", "-q",
+                  ref, "--"], source, clone_prefix)
+    else:
+        _run_git(["clone", "-q", "--depth", "1", "--branch", ref, "--", url, target],
+                 source, clone_prefix)
+    commit = _run_git(["-C", target, "rev-parse", "HEAD"], source,
+                      f"failed to resolve git commit for '{source}'").strip()
+    if not commit:
+        raise InstallError(f"failed to resolve git commit for '{source}': empty HEAD")
+    return target, ref, commit
+
+
+def _copy_file(src: str, dst: str) -> None:
+    """Copy one regular file's bytes and permission bits, never following links."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InstallError(f"unsupported file type in bundle: {src}")
+        mode = stat.S_IMODE(info.st_mode) & 0o755
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode | 0o600)
+        try:
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                os.write(out, chunk)
+        finally:
+            os.close(out)
+        os.chmod(dst, mode | 0o600)
+    finally:
+        os.close(fd)
+
+
+def _copy_steps(src: str, dst: str) -> None:
+    os.mkdir(dst, 0o755)
+    with os.scandir(src) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = os.path.join(src, entry.name)
+            if entry.is_symlink():
+                raise InstallError(f"symlink is not allowed in steps/: {path}")
+            if entry.is_dir(follow_symlinks=False):
+                _copy_steps(path, os.path.join(dst, entry.name))
+            elif entry.is_file(follow_symlinks=False):
+                _copy_file(path, os.path.join(dst, entry.name))
+            else:
+                raise InstallError(f"unsupported file type in steps/: {path}")
+
+
+def _stage_bundle(root: str, manifest: dict, stage: str) -> None:
+    """Copy the parts of a bundle that install keeps into ``stage``."""
+    for name in ("spell.yaml", "schema.json"):
+        path = os.path.join(root, name)
+        if os.path.islink(path):
+            raise InstallError(f"symlink is not allowed: {path}")
+        _copy_file(path, os.path.join(stage, name))
+    sig = os.path.join(root, "spell.sig.json")
+    if os.path.lexists(sig):
+        if os.path.islink(sig):
+            raise InstallError(f"symlink is not allowed: {sig}")
+        _copy_file(sig, os.path.join(stage, "spell.sig.json"))
+    steps_dir = os.path.join(root, "steps")
+    if os.path.islink(steps_dir):
+        raise InstallError(f"symlink is not allowed: {steps_dir}")
+    _copy_steps(steps_dir, os.path.join(stage, "steps"))
+
+
+def _check_installable(manifest: dict) -> None:
+    """Rules install adds to manifest validation (docs/compatibility.md)."""
+    schema = os.path.normpath(manifest["inputs_schema"])
+    if schema != "schema.json":
+        raise InstallError(
+            f"inputs_schema must point to schema.json at the bundle root: "
+            f"{manifest['inputs_schema']}"
+        )
+    for step in manifest["steps"]:
+        run = os.path.normpath(step["run"])
+        if not run.startswith("steps" + os.sep):
+            raise InstallError(f"step '{step['name']}' run path must be inside steps/: {step['run']}")
+    if len(id_key(manifest["id"])) > NAME_MAX or len(manifest["version"].encode()) > NAME_MAX:
+        raise InstallError("id or version is too long to store")
+
+
+def install_bundle(source: str) -> dict:
+    """Install a bundle from a folder or ``<git url>#<ref>``; return its manifest."""
+    workdir = None
+    try:
+        if is_git_source(source):
+            workdir = _new_temp_dir("git")
+            root, ref, commit = _fetch_git(source, workdir)
+            provenance = {"type": "git", "source": source, "ref": ref, "commit": commit}
+        else:
+            try:
+                root = os.path.realpath(os.path.abspath(source), strict=True)
+            except OSError as exc:
+                raise InstallError(node_error(exc, "realpath", os.path.abspath(source))) from None
+            if not os.path.isdir(root):
+                raise InstallError(f"bundle path must be a directory: {source}")
+            provenance = {"type": "local", "source": source}
+        manifest = load_manifest(root)
+        _check_installable(manifest)
+        _commit_install(root, manifest, provenance)
+        return manifest
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _commit_install(root: str, manifest: dict, provenance: dict) -> None:
+    spell_id, version = manifest["id"], manifest["version"]
+    ensure_store_dirs()
+    key = id_key(spell_id)
+    id_dir = store_path("spells", key)
+    id_file = os.path.join(id_dir, "spell.id.txt")
+    if os.path.isdir(id_dir):
+        stored = _read_id_file(id_file)
+        if stored is not None and stored != spell_id:
+            raise InstallError(
+                f"spell.id.txt mismatch for {key}: expected '{stored}', got '{spell_id}'"
+            )
+    if os.path.lexists(os.path.join(id_dir, version)):
+        raise InstallError(f"already installed: {spell_id}@{version}")
+    stage = _new_temp_dir("install")
+    try:
+        version_stage = os.path.join(stage, "id", version)
+        os.makedirs(version_stage, 0o755)
+        _stage_bundle(root, manifest, version_stage)
+        record = dict(provenance, installed_at=iso_now())
+        write_atomic(os.path.join(version_stage, "source.json"), dump_json(record), 0o644)
+        if not os.path.isdir(id_dir):
+            write_atomic(os.path.join(stage, "id", "spell.id.txt"), spell_id + "\n", 0o644)
+            os.chmod(os.path.join(stage, "id"), STORE_DIR_MODE)
+            try:
+                os.rename(os.path.join(stage, "id"), id_dir)
+                return
+            except OSError:
+                if not os.path.isdir(id_dir):
+                    raise
+        elif _read_id_file(id_file) is None:
+            write_atomic(id_file, spell_id + "\n", 0o644)
+        target = os.path.join(id_dir, version)
+        try:
+            os.rename(version_stage, target)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise InstallError(f"already installed: {spell_id}@{version}") from None
+            raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _read_id_file(path: str) -> str | None:
+    try:
+        return js_trim(read_file(path, 4096, "spell.id.txt").decode("utf-8", "replace"))
+    except OSError:
+        return None
+
+
+def _version_dirs(id_dir: str) -> list[str]:
+    try:
+        entries = list(os.scandir(id_dir))
+    except OSError:
+        return []
+    return [e.name for e in entries
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+
+
+def resolve_installed(spell_id: str, version: str | None) -> tuple[str, dict]:
+    """Find an installed bundle by id and optional version (spec: latest rule)."""
+    id_dir = store_path("spells", id_key(spell_id))
+    if len(id_key(spell_id)) > NAME_MAX or not os.path.isdir(id_dir):
+        raise NotFound(f"spell not installed: {spell_id}")
+    stored = _read_id_file(os.path.join(id_dir, "spell.id.txt"))
+    if stored is None:
+        raise NotFound(f"missing spell.id.txt for {spell_id}")
+    if stored != spell_id:
+        raise SpellError(f"id mismatch in spell.id.txt: expected '{spell_id}', found '{stored}'")
+    versions = _version_dirs(id_dir)
+    if not versions:
+        raise NotFound(f"no versions installed for: {spell_id}")
+    chosen = version if version is not None else pick_latest(versions)
+    if chosen not in versions:
+        raise NotFound(f"version not installed for {spell_id}: {chosen}")
+    bundle_dir = os.path.join(id_dir, chosen)
+    manifest = load_manifest(bundle_dir)
+    if manifest["id"] != spell_id:
+        raise SpellError(
+            f"manifest id mismatch: expected '{spell_id}', found '{manifest['id']}'"
+        )
+    return bundle_dir, manifest
+
+
+def installed_bundles(warn=None) -> list[tuple[str, dict]]:
+    """Every installed (bundle dir, manifest), sorted as ``spell list`` prints.
+
+    Stray files and broken versions are skipped (reported through ``warn``)
+    instead of failing the whole listing.
+    """
+    spells = store_path("spells")
+    try:
+        entries = list(os.scandir(spells))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        stored = _read_id_file(os.path.join(entry.path, "spell.id.txt"))
+        if stored is None:
+            if warn:
+                warn(f"skipping {entry.path}: missing spell.id.txt")
+            continue
+        for version in _version_dirs(entry.path):
+            path = os.path.join(entry.path, version)
+            try:
+                manifest = load_manifest(path)
+            except SpellError as exc:
+                if warn:
+                    warn(f"skipping {path}: {exc.message}")
+                continue
+            if manifest["id"] != stored:
+                if warn:
+                    warn(f"skipping {path}: id mismatch under {entry.path}: "
+                         f"spell.id.txt='{stored}', spell.yaml.id='{manifest['id']}'")
+                continue
+            found.append((path, manifest))
+    found.sort(key=lambda item: locale_key(item[1]["version"]), reverse=True)
+    found.sort(key=lambda item: locale_key(item[1]["id"]))
+    return found
+
+
+def schema_summary(schema) -> tuple[list[str], list[str]]:
+    """The (required, "key: type") lists ``inspect`` prints for a schema."""
+    if not isinstance(schema, dict):
+        return [], []
+    required = [r for r in schema.get("required", []) if isinstance(r, str)] \
+        if isinstance(schema.get("required"), list) else []
+    types = []
+    properties = schema.get("properties")
+    if isinstance(properties, dict):
+        for key, prop in properties.items():
+            kind = "unknown"
+            if isinstance(prop, dict):
+                declared = prop.get("type")
+                if isinstance(declared, list):
+                    kind = "|".join(t for t in declared if isinstance(t, str))
+                elif isinstance(declared, str):
+                    kind = declared
+            types.append(f"{key}: {kind}")
+    return required, types
+
+
+def load_schema(bundle_dir: str, manifest: dict):
+    path = os.path.join(bundle_dir, manifest["inputs_schema"])
+    try:
+        return read_json_file(path, "schema.json")
+    except OSError as exc:
+        raise SpellError(node_error(exc, "open", path)) from None
+    except ValueError as exc:
+        raise SpellError(f"failed to parse schema.json: {exc}") from None
+
+
+def _read_source_record(bundle_dir: str):
+    try:
+        return read_json_file(os.path.join(bundle_dir, "source.json"), "source.json")
+    except (OSError, ValueError, SpellError):
+        return None
+
+
+def cmd_install(args, io) -> int:
+    manifest = install_bundle(args.source)
+    io.out(f"{escape_text(manifest['id'])}@{escape_text(manifest['version'])}")
+    return 0
+
+
+def cmd_list(args, io) -> int:
+    bundles = installed_bundles(warn=io.warn)
+    if args.json:
+        io.out(spell_runner.dumps_js([
+            {"id": m["id"], "version": m["version"], "name": m["name"],
+             "summary": m["summary"], "risk": m["risk"], "billing": m["billing"],
+             "runtime": m["runtime"], "path": path}
+            for path, m in bundles
+        ], indent=2))
+        return 0
+    if not bundles:
+        io.out("No spells installed")
+        return 0
+    io.out("id@version\tname\trisk\tbilling.enabled\truntime.execution")
+    for _, m in bundles:
+        row = [f"{m['id']}@{m['version']}", m["name"], m["risk"],
+               "true" if m["billing"]["enabled"] else "false", m["runtime"]["execution"]]
+        io.out("\t".join(escape_text(cell) for cell in row))
+    return 0
+
+
+def cmd_inspect(args, io) -> int:
+    bundle_dir, m = resolve_installed(args.id, args.version)
+    schema = load_schema(bundle_dir, m)
+    required, key_types = schema_summary(schema)
+    if args.json:
+        io.out(spell_runner.dumps_js({
+            "id": m["id"], "version": m["version"], "name": m["name"],
+            "summary": m["summary"], "risk": m["risk"],
+            "inputs": {"required": required, "key_types": key_types},
+            "permissions": m["permissions"], "effects": m["effects"],
+            "billing": m["billing"], "runtime": m["runtime"], "steps": m["steps"],
+            "checks": m["checks"], "path": bundle_dir,
+            "source": _read_source_record(bundle_dir),
+        }, indent=2))
+        return 0
+    e = escape_text
+    billing, runtime = m["billing"], m["runtime"]
+    lines = ["識別", f"  id@version: {e(m['id'])}@{e(m['version'])}", f"  name: {e(m['name'])}",
+             f"  summary: {e(m['summary'])}", "供物",
+             f"  required: {e(','.join(required)) if required else '(none)'}",
+             f"  key types: {e(','.join(key_types)) if key_types else '(none)'}", "鍵穴"]
+    lines += [f"  connector={e(p['connector'])} scopes={e(','.join(p['scopes']))}"
+              for p in m["permissions"]] or ["  (none)"]
+    lines.append("作用")
+    lines += [f"  type={e(x['type'])} target={e(x['target'])} "
+              f"mutates={'true' if x['mutates'] else 'false'}" for x in m["effects"]]
+    lines += ["代償",
+              f"  enabled={'true' if billing['enabled'] else 'false'} mode={e(billing['mode'])} "
+              f"max_amount={js_number(billing['max_amount'])} currency={e(billing['currency'])}",
+              "実行",
+              f"  execution={runtime['execution']} "
+              f"docker_image={e(runtime.get('docker_image', '-'))} "
+              f"platforms={e(','.join(runtime['platforms']))}",
+              "封印"]
+    lines += [f"  type={c['type']} params={e(spell_runner.dumps_js(c['params']))}"
+              for c in m["checks"]]
+    io.out("\n".join(lines))
+    return 0
+
+
+_LOG_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def log_path(execution_id: str) -> str:
+    """The log file of an execution id; ids that could leave the folder are refused."""
+    name = execution_id if execution_id.endswith(".json") else execution_id + ".json"
+    if not _LOG_NAME_RE.match(name) or len(name) > NAME_MAX:
+        raise NotFound(f"log not found: {execution_id}")
+    return store_path("logs", name)
+
+
+def cmd_log(args, io) -> int:
+    path = log_path(args.execution_id)
+    try:
+        data = read_file(path, LOG_MAX_BYTES, "log")
+    except (OSError, SpellError):
+        raise NotFound(f"log not found: {args.execution_id}") from None
+    text = data.decode("utf-8", "replace")
+    io.out(text[:-1] if text.endswith("\n") else text)
+    return 0
+
+
+# Digest and signatures #######################################################
+
+
+def cmd_sign_keygen(args, io) -> int:
+    raise SpellError("sign keygen: not implemented yet")
+
+
+def cmd_sign_bundle(args, io) -> int:
+    raise SpellError("sign bundle: not implemented yet")
+
+
+def cmd_verify(args, io) -> int:
+    raise SpellError("verify: not implemented yet")
+
+
+# Trust store #################################################################
+
+
+def cmd_trust_add(args, io) -> int:
+    raise SpellError("trust add: not implemented yet")
+
+
+def cmd_trust_list(args, io) -> int:
+    raise SpellError("trust list: not implemented yet")
+
+
+def cmd_trust_remove(args, io) -> int:
+    raise SpellError("trust remove: not implemented yet")
+
+
+# Entitlements and licences ###################################################
+
+
+def cmd_license_add(args, io) -> int:
+    raise SpellError("license add: not implemented yet")
+
+
+def cmd_license_list(args, io) -> int:
+    raise SpellError("license list: not implemented yet")
+
+
+def cmd_license_remove(args, io) -> int:
+    raise SpellError("license remove: not implemented yet")
+
+
+# Policy ######################################################################
+
+
+def cmd_policy_show(args, io) -> int:
+    raise SpellError("policy show: not implemented yet")
+
+
+def cmd_policy_validate(args, io) -> int:
+    raise SpellError("policy validate: not implemented yet")
+
+
+# Cast ########################################################################
+
+
+def cmd_cast(args, io) -> int:
+    raise SpellError("cast: not implemented yet")
+
+
+# Execution API ###############################################################
+
+
+def cmd_api(args, io) -> int:
+    raise SpellError("api: not implemented yet")
+
+
+# Command line ################################################################
+
+
+class IO:
+    """The streams and environment a command works with (tests pass their own)."""
+
+    def __init__(self, stdout, stderr, env=None):
+        self.stdout = stdout
+        self.stderr = stderr
+        self.env = os.environ if env is None else env
+
+    def out(self, text: str) -> None:
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def err(self, text: str) -> None:
+        self.stderr.write(text + "\n")
+        self.stderr.flush()
+
+    def warn(self, text: str) -> None:
+        self.err("warning: " + escape_text(text))
+
+
+class _ParserExit(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+class SpellArgumentParser(argparse.ArgumentParser):
+    """argparse that never exits the process and exits 1 on bad arguments."""
+
+    stdout = sys.stdout
+
+    def print_help(self, file=None):
+        super().print_help(file or self.stdout)
+
+    def exit(self, status=0, message=None):
+        if message:
+            raise UsageError(message.strip(), self.format_usage())
+        raise _ParserExit(status)
+
+    def error(self, message):
+        raise UsageError(f"error: {message}", self.format_help())
+
+
+def build_parser(stdout=None) -> argparse.ArgumentParser:
+    """The whole command line; each command names its handler with ``func``."""
+
+    class Parser(SpellArgumentParser):
+        pass
+
+    Parser.stdout = stdout or sys.stdout
+    parser = Parser(prog="spell", description="Minimal runtime for SpellBundle v1",
+                    allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"spell {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="<command>")
+
+    def command(name, func, help_text, **kw):
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  allow_abbrev=False, **kw)
+        sub.set_defaults(func=func, parser=sub)
+        return sub
+
+    def group(name, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  allow_abbrev=False)
+        sub.set_defaults(func=None, parser=sub)
+        return sub, sub.add_subparsers(title="commands", metavar="<command>")
+
+    def subcommand(parent, name, func, help_text, **kw):
+        sub = parent.add_parser(name, help=help_text, description=help_text,
+                                allow_abbrev=False, **kw)
+        sub.set_defaults(func=func, parser=sub)
+        return sub
+
+    p = command("install", cmd_install, "Install a spell bundle from local path or git URL",
+                epilog="example: spell install ./my-spell   or   "
+                       "spell install https://example.com/spells.git#v1.0.0")
+    p.add_argument("source", help="Path to local spell bundle or git URL (git requires #<ref>)")
+
+    p = command("list", cmd_list, "List installed spells")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("inspect", cmd_inspect, "Inspect installed spell")
+    p.add_argument("id", help="Spell id")
+    p.add_argument("--version", help="Specific version")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("cast", cmd_cast, "Cast a spell",
+                epilog="example: spell cast samples/hello --allow-unsigned -p name=world")
+    p.add_argument("id", help="Spell id")
+    inputs = p.add_argument_group("input")
+    inputs.add_argument("--version", help="Specific version")
+    inputs.add_argument("-p", "--param", action="append", default=[], metavar="key=value",
+                        help="Input override (repeatable; JSON-typed values, dotted keys)")
+    inputs.add_argument("--input", metavar="file", help="Input JSON file")
+    guards = p.add_argument_group("guards")
+    guards.add_argument("--dry-run", action="store_true",
+                        help="Validate and summarize only")
+    guards.add_argument("--yes", action="store_true", help="Acknowledge high or critical risk")
+    guards.add_argument("--allow-billing", action="store_true",
+                        help="Allow billing-enabled spells")
+    guards.add_argument("--require-signature", action="store_true",
+                        help="Require verified signature (the default)")
+    guards.add_argument("--allow-unsigned", action="store_true",
+                        help="Allow unsigned bundles (overrides signature requirement)")
+    output = p.add_argument_group("output")
+    output.add_argument("--verbose", action="store_true",
+                        help="Show progress and step output on stderr")
+    output.add_argument("--profile", metavar="name", help="Reserved for future use")
+
+    _, sign = group("sign", "Create signing keys and sign spell bundles")
+    p = subcommand(sign, "keygen", cmd_sign_keygen, "Generate an ed25519 keypair for spell signing")
+    p.add_argument("publisher", help="Publisher (id prefix before first slash)")
+    p.add_argument("--key-id", default="default", help="Key id (default: default)")
+    p.add_argument("--out-dir", default=".spell-keys", help="Output folder (default: .spell-keys)")
+    p.add_argument("--force", action="store_true", help="Overwrite existing key files")
+    p = subcommand(sign, "bundle", cmd_sign_bundle, "Create spell.sig.json for a local spell bundle")
+    p.add_argument("local_path", metavar="local-path",
+                   help="Path to local bundle containing spell.yaml")
+    p.add_argument("--private-key", required=True, metavar="file",
+                   help="Ed25519 private key (PKCS#8 PEM)")
+    p.add_argument("--key-id", default="default", help="Key id (default: default)")
+    p.add_argument("--publisher", help="Publisher (default: the id's prefix)")
+
+    _, lic = group("license", "Manage local entitlement tokens for billing")
+    p = subcommand(lic, "add", cmd_license_add, "Add or update a local entitlement token")
+    p.add_argument("name", help="License label")
+    p.add_argument("token", help="Entitlement token")
+    subcommand(lic, "list", cmd_license_list, "List local licenses")
+    p = subcommand(lic, "remove", cmd_license_remove, "Remove a local license token")
+    p.add_argument("name", help="License label")
+
+    _, trust = group("trust", "Manage trusted publisher keys")
+    p = subcommand(trust, "add", cmd_trust_add, "Add or update a trusted publisher public key")
+    p.add_argument("publisher", help="Publisher (id prefix before first slash)")
+    p.add_argument("public_key", metavar="public-key",
+                   help="ed25519 public key (spki der) as base64url")
+    p.add_argument("--key-id", default="default", help="Key id (default: default)")
+    subcommand(trust, "list", cmd_trust_list, "List trusted publishers")
+    p = subcommand(trust, "remove", cmd_trust_remove, "Remove a trusted publisher (all keys)")
+    p.add_argument("publisher", help="Publisher (id prefix before first slash)")
+
+    p = command("verify", cmd_verify, "Verify an installed spell's signature without casting")
+    p.add_argument("id", help="Spell id")
+    p.add_argument("--version", help="Specific version")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    _, policy = group("policy", "Show or validate the runtime policy")
+    subcommand(policy, "show", cmd_policy_show, "Print the policy in force")
+    p = subcommand(policy, "validate", cmd_policy_validate, "Validate a policy file")
+    p.add_argument("--file", required=True, metavar="path", help="Policy file to validate")
+
+    p = command("log", cmd_log, "Show execution log")
+    p.add_argument("execution_id", metavar="execution-id", help="Execution log file name")
+
+    p = command("api", cmd_api, "Serve the Execution API and the receipts page")
+    p.add_argument("--host", help="Address to bind (default: 127.0.0.1 or SPELL_API_HOST)")
+    p.add_argument("--port", help="Port (default: 8787 or SPELL_API_PORT)")
+    p.add_argument("--registry", help="Button registry file (default: SPELL_BUTTON_REGISTRY_PATH)")
+
+    p = command("help", None, "display help for command")
+    p.add_argument("topic", nargs="?", metavar="command")
+    p.set_defaults(func=None, help_topic=True)
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
+    """Run the command line; return the exit status (0 success, 1 failure)."""
+    io = IO(stdout or sys.stdout, stderr or sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(io.stdout)
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "help_topic", False):
+            target = _subparser(parser, args.topic) if args.topic else parser
+            if target is None:
+                raise UsageError(f"error: unknown command '{args.topic}'", parser.format_help())
+            target.print_help(io.stdout)
+            return 0
+        func = getattr(args, "func", None)
+        if func is None:
+            io.stderr.write((getattr(args, "parser", None) or parser).format_help())
+            return 1
+        return func(args, io) or 0
+    except _ParserExit as exc:
+        return exc.status
+    except UsageError as exc:
+        io.stderr.write(exc.message + "\n")
+        if exc.usage:
+            io.stderr.write("\n" + exc.usage)
+        return 1
+    except SpellError as exc:
+        io.err(escape_text(exc.message))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        io.err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as exc:
+        path = exc.filename or ""
+        io.err(escape_text(node_error(exc, "open", path) if path else str(exc)))
+        return 1
+    except Exception as exc:  # a bug: one line unless SPELL_DEBUG asks for more
+        if os.environ.get("SPELL_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc(file=io.stderr)
+        io.err(escape_text(f"internal error: {type(exc).__name__}: {exc}"))
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
