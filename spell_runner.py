@@ -1066,30 +1066,54 @@ def _exchange(
     return box["value"]
 
 
-def _read_step_file(path: str, name: str) -> bytes:
-    """Read an http step file: a regular file (no symlink) of bounded size."""
+class _NotRegularFile(Exception):
+    """The path names something other than a regular file."""
+
+
+class _FileTooLarge(Exception):
+    """The file holds more bytes than its cap."""
+
+
+def _read_regular_file(path: str, limit: int) -> bytes:
+    """Read a regular file, never through a symlink, of at most ``limit`` bytes.
+
+    O_NONBLOCK keeps a FIFO planted in place of the file from blocking the
+    open. Raises OSError, _NotRegularFile or _FileTooLarge.
+    """
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise StepError(f"failed to read http step '{name}': {exc.strerror}: {path}") from exc
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise StepError(f"http step '{name}' file is not a regular file: {path}")
-        if info.st_size > HTTP_STEP_FILE_MAX_BYTES:
-            raise StepError(
-                f"http step '{name}' file exceeds {HTTP_STEP_FILE_MAX_BYTES} bytes: {path}"
-            )
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(HTTP_STEP_FILE_MAX_BYTES + 1)
-    except OSError as exc:
-        raise StepError(f"failed to read http step '{name}': {exc.strerror}: {path}") from exc
+            raise _NotRegularFile(path)
+        if info.st_size > limit:
+            raise _FileTooLarge(path)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, READ_CHUNK_BYTES)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     finally:
         os.close(fd)
-    if len(data) > HTTP_STEP_FILE_MAX_BYTES:
-        raise StepError(f"http step '{name}' file exceeds {HTTP_STEP_FILE_MAX_BYTES} bytes: {path}")
-    return data
+    if size > limit:
+        raise _FileTooLarge(path)
+    return b"".join(chunks)
+
+
+def _read_step_file(path: str, name: str) -> bytes:
+    """Read an http step file: a regular file (no symlink) of bounded size."""
+    try:
+        return _read_regular_file(path, HTTP_STEP_FILE_MAX_BYTES)
+    except OSError as exc:
+        raise StepError(f"failed to read http step '{name}': {exc.strerror}: {path}") from exc
+    except _NotRegularFile:
+        raise StepError(f"http step '{name}' file is not a regular file: {path}") from None
+    except _FileTooLarge:
+        limit = HTTP_STEP_FILE_MAX_BYTES
+        raise StepError(f"http step '{name}' file exceeds {limit} bytes: {path}") from None
 
 
 def _blank(value: Any) -> bool:
@@ -1482,17 +1506,14 @@ def _parse_args(args: list[str]) -> tuple[str, bool] | None:
 
 def _read_plan(path: str) -> dict:
     """Read and parse the plan file: a regular file of at most PLAN_MAX_BYTES."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags)
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise PlanError(f"plan is not a regular file: {path}")
-            data = handle.read(PLAN_MAX_BYTES + 1)
+        data = _read_regular_file(path, PLAN_MAX_BYTES)
     except OSError as exc:
         raise PlanError(f"cannot read plan: {exc.strerror}: {path}") from exc
-    if len(data) > PLAN_MAX_BYTES:
-        raise PlanError(f"plan exceeds {PLAN_MAX_BYTES} bytes: {path}")
+    except _NotRegularFile:
+        raise PlanError(f"plan is not a regular file: {path}") from None
+    except _FileTooLarge:
+        raise PlanError(f"plan exceeds {PLAN_MAX_BYTES} bytes: {path}") from None
     try:
         plan = _parse_json_text(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
