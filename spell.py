@@ -1896,7 +1896,9 @@ def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
             raise CastError("billing enabled requires matching entitlement token")
         log["summary"]["license"] = {"licensed": True, "name": name}
     check_connector_tokens(manifest["permissions"], env)
-    docker = docker_settings(env) if manifest["runtime"]["execution"] == "docker" else None
+    docker = None
+    if manifest["runtime"]["execution"] == "docker":
+        docker = docker_settings(env, manifest["runtime"]["docker_image"])
 
     io.out(execution_summary(manifest))
     if opts.get("dry_run"):
@@ -1966,13 +1968,280 @@ def cmd_cast(args, io) -> int:
 
 # Docker ######################################################################
 
+#: Where the read-only bundle, the runner's input and the working copy live.
+CONTAINER_BUNDLE = "/spell"
+CONTAINER_INPUT_DIR = "/tmp/spell-input"
+CONTAINER_WORKDIR = "/spell-work"
+#: The working copy's tmpfs allows exec (steps run from it); /tmp stays noexec.
+#: It is owned by the container user (docker ignores a tmpfs ``mode=``).
+WORKDIR_TMPFS = "rw,exec,nosuid,nodev,size=64m"
+TMP_TMPFS = "rw,noexec,nosuid,size=64m"
+DEFAULT_DOCKER_USER = "65532:65532"
+DEFAULT_PIDS_LIMIT = 256
+#: After the execution deadline the runner reports itself; the container is
+#: killed if it has not finished this much later.
+DOCKER_KILL_GRACE_S = 1.0
+#: Bound for the small docker commands (kill, rm) that clean up.
+DOCKER_CLEANUP_TIMEOUT_S = 20
+#: The runner prints one JSON line of capped outputs; more is not read.
+DOCKER_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
+_MEMORY_RE = re.compile(r"^\d+[bkmg]?$", re.IGNORECASE)
+_IMAGE_BAD_RE = re.compile(r"[\s\x00-\x1f\x7f]")
 
-def docker_settings(env) -> dict:
-    raise SpellError("docker execution: not implemented yet")
+
+class DockerError(CastError):
+    error_code = "DOCKER_FAILED"
 
 
-def run_in_docker(manifest, bundle_dir, merged, limits, docker, env, io, *, verbose):
-    raise SpellError("docker execution: not implemented yet")
+def docker_settings(env, image: str) -> dict:
+    """Validate the SPELL_DOCKER_* overrides and the image, before the summary.
+
+    Order and messages are the original's: network, user, read-only, pids,
+    memory, cpus.
+    """
+    if image.startswith("-") or _IMAGE_BAD_RE.search(image):
+        raise DockerError(f"invalid docker image name: {image}")
+    network = js_trim(env.get("SPELL_DOCKER_NETWORK", "")) or "none"
+    if network not in ("none", "bridge", "host"):
+        raise DockerError("SPELL_DOCKER_NETWORK must be one of: none, bridge, host")
+    raw_user = env.get("SPELL_DOCKER_USER")
+    user = DEFAULT_DOCKER_USER if raw_user is None else js_trim(raw_user)
+    if re.search(r"\s", user):
+        raise DockerError("SPELL_DOCKER_USER must not contain whitespace")
+    read_only = js_trim(env.get("SPELL_DOCKER_READ_ONLY", "")) or "1"
+    if read_only not in ("0", "1"):
+        raise DockerError("SPELL_DOCKER_READ_ONLY must be '1' or '0'")
+    pids = parse_js_integer(env.get("SPELL_DOCKER_PIDS_LIMIT"), "SPELL_DOCKER_PIDS_LIMIT",
+                            0, DEFAULT_PIDS_LIMIT)
+    memory = js_trim(env.get("SPELL_DOCKER_MEMORY", ""))
+    if memory and not _MEMORY_RE.match(memory):
+        raise DockerError("SPELL_DOCKER_MEMORY must be a positive integer optionally "
+                          "suffixed with b, k, m, or g")
+    cpus = js_trim(env.get("SPELL_DOCKER_CPUS", ""))
+    if cpus:
+        try:
+            value = float(cpus)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 and value != float("inf")):
+            raise DockerError("SPELL_DOCKER_CPUS must be a number > 0")
+    return {"image": image, "network": network, "user": user, "read_only": read_only == "1",
+            "pids_limit": pids, "memory": memory, "cpus": cpus}
+
+
+def _tmpfs_owner(user: str) -> str:
+    """``,uid=U,gid=G`` for a numeric ``--user``, so that user can write the copy."""
+    match = re.match(r"^(\d+)(?::(\d+))?$", user)
+    if not match:
+        return ""  # the image's default user (or a named one) owns nothing special
+    uid, gid = match.group(1), match.group(2) or match.group(1)
+    return f",uid={uid},gid={gid}"
+
+
+def docker_run_args(settings: dict, bundle_dir: str, share_dir: str, name: str,
+                    passed_env: list[str], *, events: bool) -> list[str]:
+    """The ``docker run`` argument list; environment values never appear in it."""
+    for path in (bundle_dir, share_dir):
+        if "," in path or ":" in path:
+            raise DockerError(f"cannot mount a path holding ',' or ':': {path}")
+    args = ["run", "--rm", "--pull", "never", "--name", name,
+            "--network", settings["network"], "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges",
+            "--tmpfs", f"/tmp:{TMP_TMPFS}",
+            "--tmpfs", f"{CONTAINER_WORKDIR}:{WORKDIR_TMPFS}{_tmpfs_owner(settings['user'])}",
+            "--workdir", CONTAINER_BUNDLE,
+            "-v", f"{bundle_dir}:{CONTAINER_BUNDLE}:ro",
+            "-v", f"{share_dir}:{CONTAINER_INPUT_DIR}:ro",
+            "-e", f"INPUT_JSON={CONTAINER_INPUT_DIR}/input.json"]
+    if settings["read_only"]:
+        args.append("--read-only")
+    if settings["user"]:
+        args += ["--user", settings["user"]]
+    if settings["pids_limit"]:
+        args += ["--pids-limit", str(settings["pids_limit"])]
+    if settings["memory"]:
+        args += ["--memory", settings["memory"]]
+    if settings["cpus"]:
+        args += ["--cpus", settings["cpus"]]
+    for variable in passed_env:
+        args += ["-e", variable]  # the value comes from the client's environment
+    args += ["--", settings["image"], "spell-runner", "--plan",
+             f"{CONTAINER_INPUT_DIR}/plan.json"]
+    if events:
+        args.append("--events")
+    return args
+
+
+def _passed_environment(manifest: dict, env) -> dict:
+    """Connector tokens and the step timeout: all the container sees of the host."""
+    passed = {}
+    for permission in manifest["permissions"]:
+        name = connector_env_name(permission["connector"])
+        value = env.get(name)
+        if value is not None and js_trim(value):
+            passed[name] = value
+    step_timeout = env.get("SPELL_RUNTIME_STEP_TIMEOUT_MS")
+    if step_timeout is not None and js_trim(step_timeout):
+        passed["SPELL_RUNTIME_STEP_TIMEOUT_MS"] = js_trim(step_timeout)
+    return passed
+
+
+def _docker_failure(stderr: str, code: int, image: str) -> DockerError:
+    """Word a failure of docker itself (not of the spell) for the user."""
+    text = " ".join(stderr.split())
+    lowered = text.lower()
+    if "cannot connect to the docker daemon" in lowered or "error during connect" in lowered \
+            or "is the docker daemon running" in lowered:
+        return DockerError(f"docker daemon is not reachable: {text}")
+    if "no such image" in lowered or "unable to find image" in lowered \
+            or "pull access denied" in lowered:
+        return DockerError(f"docker image not found: {image} (build it locally; "
+                           f"see docs/docker.md)")
+    if code in (126, 127) or "executable file not found" in lowered:
+        return DockerError(f"docker image {image} cannot run spell-runner "
+                           f"(put spell_runner.pyz on its PATH; see docs/docker.md): {text}")
+    return DockerError(text or f"docker exited with code {code}")
+
+
+def _docker_cleanup(name: str, client_env: dict) -> None:
+    for command in (["kill", name], ["rm", "-f", name]):
+        try:
+            subprocess.run(["docker", *command], env=client_env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=DOCKER_CLEANUP_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
+                  settings: dict, env, io, *, verbose: bool) -> dict:
+    """Run the steps in a hardened container through ``spell-runner``.
+
+    The runner gets a plan (validated manifest parts, input, limits) as JSON
+    readable by any uid, copies the steps to an exec-capable tmpfs and prints
+    one JSON result, which is read whatever its exit code.  The container has
+    a unique name and is killed on timeout or interruption.
+    """
+    import tempfile
+    import threading
+
+    timeout_ms = limits["execution_timeout_ms"]
+    started = time.monotonic()
+    passed = _passed_environment(manifest, env)
+    client_env = dict(step_environment(env), **passed)
+    workdir = tempfile.mkdtemp(prefix="spell-docker-")  # 0700: other users stay out
+    name = f"spell-{secrets.token_hex(8)}"
+    proc = None
+    try:
+        share = os.path.join(workdir, "share")
+        os.mkdir(share, 0o755)
+        os.chmod(share, 0o755)  # the container's uid must read it
+        plan = {"bundle_dir": CONTAINER_BUNDLE, "workdir_copy_to": CONTAINER_WORKDIR,
+                "steps": manifest["steps"], "checks": manifest["checks"], "input": merged,
+                "input_path": f"{CONTAINER_INPUT_DIR}/input.json", "env": {},
+                "step_timeout_ms": limits["step_timeout_ms"],
+                "execution_timeout_ms": timeout_ms}
+        for filename, value in (("input.json", merged), ("plan.json", plan)):
+            write_atomic(os.path.join(share, filename), spell_runner.dumps_js(value), 0o644)
+        args = docker_run_args(settings, bundle_dir, share, name, sorted(passed),
+                               events=verbose)
+        on_event = _progress_printer(io, secret_values(env, merged)) if verbose else None
+        if verbose:
+            io.err(f"[spell] starting docker execution in {escape_text(settings['image'])}")
+        try:
+            proc = subprocess.Popen(["docker", *args], env=client_env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise DockerError("docker not found: install docker and ensure it is on PATH") \
+                from None
+        stderr_lines: list[str] = []
+
+        def pump_stderr():
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if on_event and line.startswith("{"):
+                    try:
+                        on_event(json.loads(line))
+                        continue
+                    except ValueError:
+                        pass
+                if len(stderr_lines) < 200:
+                    stderr_lines.append(line)
+
+        reader = threading.Thread(target=pump_stderr, daemon=True)
+        reader.start()
+        limit = None if timeout_ms is None else timeout_ms / 1000 + DOCKER_KILL_GRACE_S
+        timer_fired = threading.Event()
+        timer = None
+        if limit is not None:
+            def expire():
+                timer_fired.set()
+                _docker_cleanup(name, client_env)
+
+            timer = threading.Timer(max(0.0, limit - (time.monotonic() - started)), expire)
+            timer.daemon = True
+            timer.start()
+        try:
+            stdout = _read_capped(proc.stdout, DOCKER_OUTPUT_MAX_BYTES)
+            code = proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+        reader.join(timeout=5)
+        if timer_fired.is_set():
+            raise CastError(f"cast execution timed out after {timeout_ms}ms")
+        return _docker_result(stdout, code, "\n".join(stderr_lines), settings["image"])
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            _docker_cleanup(name, client_env)
+        raise
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            _docker_cleanup(name, client_env)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_capped(stream, limit: int) -> bytes:
+    """Read a stream to its end, keeping at most ``limit`` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        if size < limit:
+            chunks.append(chunk[: limit - size])
+            size += len(chunks[-1])
+
+
+def _docker_result(stdout: bytes, code: int, stderr: str, image: str) -> dict:
+    text = stdout.decode("utf-8", "replace").strip()
+    if not text:
+        if code != 0:
+            raise _docker_failure(stderr, code, image)
+        raise DockerError("docker runner produced no output")
+    try:
+        result = parse_json_text(text)
+    except (ValueError, RecursionError):
+        if code != 0:
+            raise _docker_failure(stderr, code, image)
+        raise DockerError("failed to parse docker runner output JSON") from None
+    if not isinstance(result, dict):
+        raise DockerError("docker runner output must be a JSON object")
+    normalised = {
+        "success": bool(result.get("success")),
+        "stepResults": result.get("stepResults") if isinstance(result.get("stepResults"), list)
+        else [],
+        "outputs": result.get("outputs") if isinstance(result.get("outputs"), dict) else {},
+        "checks": result.get("checks") if isinstance(result.get("checks"), list) else [],
+    }
+    if not normalised["success"]:
+        error = result.get("error")
+        normalised["error"] = error if isinstance(error, str) and error else "docker spell failed"
+    return normalised
 
 
 # Execution API ###############################################################
