@@ -213,7 +213,9 @@ def _js_key(key: Any) -> str:
         return key
     if key is None or isinstance(key, (bool, int, float)):
         return js_string(key)
-    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+    raise TypeError(
+        f"keys must be str, int, float, bool or None, not {type(key).__name__}"
+    )
 
 
 def _scalar_json(value: Any) -> str:
@@ -234,7 +236,7 @@ def _scalar_json(value: Any) -> str:
 
 
 def dumps_js(value: Any, *, indent: int | None = None) -> str:
-    """Serialise ``value`` exactly as JavaScript's ``JSON.stringify(value, null, indent)``.
+    """Serialise ``value`` as JavaScript's ``JSON.stringify(value, null, indent)`` does.
 
     Compact without spaces when ``indent`` is None or 0; otherwise one member
     per line, with empty objects and arrays kept as ``{}`` and ``[]``. Numbers
@@ -369,7 +371,7 @@ def _js_equal(left: Any, right: Any) -> bool:
 
 
 def iso_now() -> str:
-    """Current UTC time as ISO-8601 with milliseconds, e.g. ``2026-01-02T03:04:05.678Z``."""
+    """Current UTC time as ISO-8601 with milliseconds: ``2026-01-02T03:04:05.678Z``."""
     now = datetime.now(timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
@@ -385,7 +387,17 @@ def _parse_json_text(text: str) -> Any:
 
 # Templating ###########################################################################
 
-_TOKEN = re.compile(r"\{\{\s*(INPUT|ENV)\.([A-Za-z0-9_.-]+)\s*\}\}")
+#: JavaScript's whitespace (regex ``\\s`` and ``trim``). Python's own set also
+#: holds the control characters 0x1c-0x1f, which JavaScript does not count.
+_JS_SPACE = (
+    "\t\n\v\f\r \u00a0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+_SPACES = "[" + re.escape(_JS_SPACE) + "]*"
+_TOKEN = re.compile(
+    r"\{\{" + _SPACES + r"(INPUT|ENV)\.([A-Za-z0-9_.-]+)" + _SPACES + r"\}\}"
+)
 _ANY_BRACES = re.compile(r"\{\{[^}]+\}\}")
 _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
 #: Stands for an inserted value when looking for leftover ``{{...}}`` text, so
@@ -536,10 +548,14 @@ def _become_subreaper() -> bool:
         return False
 
 
-def _child_pids() -> set[int]:
-    """Pids whose parent is this process, read from /proc (empty without /proc)."""
-    me = os.getpid()
-    children: set[int] = set()
+def _child_sessions() -> dict[int, int]:
+    """Children of this process mapped to their session id, read from /proc.
+
+    Empty without /proc. (/proc/<pid>/task/<tid>/children would be cheaper but
+    is missing from many kernels.)
+    """
+    me = str(os.getpid()).encode()
+    children: dict[int, int] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -552,10 +568,11 @@ def _child_pids() -> set[int]:
                 raw = handle.read()
         except OSError:
             continue
-        # Fields after the command name, which may itself hold ')' or spaces.
+        # After the command name, which may hold ')' or spaces:
+        # state, ppid, pgrp, session, ...
         fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and fields[1] == str(me).encode():
-            children.add(int(entry))
+        if len(fields) > 3 and fields[1] == me:
+            children[int(entry)] = int(fields[3])
     return children
 
 
@@ -570,15 +587,23 @@ def _kill_group(pgid: int) -> None:
 def _sweep_orphans(pgid: int, keep: set[int]) -> None:
     """Kill the step's group and reap every adopted descendant not in ``keep``.
 
+    A step runs in a session of its own, and no descendant can ever join this
+    process's session again, so a child in another session that is not a live
+    step and was not there before the step is an adopted orphan of it.
     Killing an adopted process hands its own children to this process, so the
     sweep repeats until a round finds nothing new (bounded by REAP_GRACE_S).
     """
     give_up = time.monotonic() + REAP_GRACE_S
+    own_session = os.getsid(0)
     while True:
         _kill_group(pgid)
         with _LIVE_STEPS_LOCK:
             protected = keep | _LIVE_STEPS
-        strays = _child_pids() - protected
+        strays = {
+            pid
+            for pid, session in _child_sessions().items()
+            if session != own_session and pid not in protected
+        }
         if not strays or time.monotonic() > give_up:
             return
         for pid in strays:
@@ -616,7 +641,9 @@ def _has_exited(proc: subprocess.Popen) -> bool:
 class _CappedBuffer:
     """Keeps the first and last bytes of a stream and counts what it dropped."""
 
-    def __init__(self, head_bytes: int = OUTPUT_HEAD_BYTES, tail_bytes: int = OUTPUT_TAIL_BYTES):
+    def __init__(
+        self, head_bytes: int = OUTPUT_HEAD_BYTES, tail_bytes: int = OUTPUT_TAIL_BYTES
+    ):
         self.head_limit = head_bytes
         self.tail_limit = tail_bytes
         self.head = bytearray()
@@ -657,7 +684,11 @@ class _ProcessResult:
 
 
 def _spawn(path: str, cwd: str, env: dict[str, str]) -> subprocess.Popen:
-    """Start ``path`` with no arguments in a new session; shebang-less scripts run via /bin/sh."""
+    """Start ``path`` without arguments in a session of its own.
+
+    An executable without a shebang fails with ENOEXEC; like execvp (and the
+    original under Node), run it as a /bin/sh script then.
+    """
     options: dict[str, Any] = dict(
         cwd=cwd,
         env=env,
@@ -672,7 +703,6 @@ def _spawn(path: str, cwd: str, env: dict[str, str]) -> subprocess.Popen:
     except OSError as exc:
         if exc.errno != errno.ENOEXEC:
             raise
-    # Like execvp (and Node), treat an executable without a shebang as a script.
     return subprocess.Popen(["/bin/sh", path], **options)
 
 
@@ -689,15 +719,17 @@ def _run_process(
     """
     _become_subreaper()
     result = _ProcessResult()
-    before = _child_pids()
+    before = set(_child_sessions())
     started = time.monotonic()
     with _LIVE_STEPS_LOCK:
         proc = _spawn(path, cwd, env)
         _LIVE_STEPS.add(proc.pid)
     end = started + timeout_s
     selector = selectors.DefaultSelector()
-    buffers = {proc.stdout.fileno(): ("stdout", result.stdout),
-               proc.stderr.fileno(): ("stderr", result.stderr)}
+    buffers = {
+        proc.stdout.fileno(): ("stdout", result.stdout),
+        proc.stderr.fileno(): ("stderr", result.stderr),
+    }
     pidfd = None
     try:
         for fd in buffers:
@@ -790,9 +822,13 @@ class _Context:
         self.env: dict[str, str] = dict(plan.get("env") or {})
         if plan.get("input_path"):
             self.env["INPUT_JSON"] = plan["input_path"]
-        self.step_timeout_ms: int = plan.get("step_timeout_ms") or DEFAULT_STEP_TIMEOUT_MS
+        self.step_timeout_ms: int = (
+            plan.get("step_timeout_ms") or DEFAULT_STEP_TIMEOUT_MS
+        )
         self.execution_timeout_ms: int | None = plan.get("execution_timeout_ms") or None
-        self.http_timeout_ms: int = plan.get("http_timeout_ms") or DEFAULT_HTTP_TIMEOUT_MS
+        self.http_timeout_ms: int = (
+            plan.get("http_timeout_ms") or DEFAULT_HTTP_TIMEOUT_MS
+        )
         self.workdir_copy_to: str | None = plan.get("workdir_copy_to") or None
         self.on_event = on_event
 
@@ -863,7 +899,9 @@ def _check_plan(plan: Any) -> None:
             raise PlanError("plan.env must map strings to strings")
     for index, step in enumerate(plan.get("steps") or []):
         fields = ("name", "uses", "run")
-        if not isinstance(step, dict) or not all(isinstance(step.get(f), str) for f in fields):
+        if not isinstance(step, dict) or not all(
+            isinstance(step.get(f), str) for f in fields
+        ):
             raise PlanError(f"plan.steps[{index}] must have string name, uses and run")
     for index, check in enumerate(plan.get("checks") or []):
         if not isinstance(check, dict) or not isinstance(check.get("type"), str):
@@ -877,7 +915,7 @@ def _head(text: str) -> str:
 
 
 def _output_listener(ctx: _Context, name: str) -> Callable[[str, bytes], None] | None:
-    """Turn raw pipe chunks into ``output`` events, decoding each stream incrementally."""
+    """Turn raw pipe chunks into ``output`` events, decoding each stream as it comes."""
     if ctx.on_event is None:
         return None
     decoders = {
@@ -894,7 +932,7 @@ def _output_listener(ctx: _Context, name: str) -> Callable[[str, bytes], None] |
 
 
 def _shell_step(step: dict, ctx: _Context) -> _Outcome:
-    """Run ``bundle_dir/run`` with the step timeout, capped by the execution deadline."""
+    """Run ``bundle_dir/run`` under the step timeout, capped by the deadline."""
     name = step["name"]
     limit_ms: int = ctx.step_timeout_ms
     capped = False
@@ -932,7 +970,12 @@ def _shell_step(step: dict, ctx: _Context) -> _Outcome:
 
 
 def _shell_record(
-    step: dict, started_at: str, code: int | None, stdout: str, stderr: str, message: str
+    step: dict,
+    started_at: str,
+    code: int | None,
+    stdout: str,
+    stderr: str,
+    message: str,
 ) -> dict:
     return {
         "stepName": step["name"],
@@ -981,7 +1024,9 @@ def _opener() -> urllib.request.OpenerDirector:
 
 def _reason(exc: BaseException) -> str:
     """Short text of a client error: the OS's strerror where there is one."""
-    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+    if isinstance(exc, urllib.error.URLError) and not isinstance(
+        exc, urllib.error.HTTPError
+    ):
         inner = exc.reason
         if isinstance(inner, BaseException):
             return _reason(inner)
@@ -1006,13 +1051,22 @@ def _read_capped(stream: Any, limit: int) -> bytes:
 
 
 def _exchange_blocking(
-    method: str, url: str, headers: dict, data: bytes | None, timeout_s: float, read_body: bool
+    method: str,
+    url: str,
+    headers: dict,
+    data: bytes | None,
+    timeout_s: float,
+    read_body: bool,
 ) -> tuple[int, bytes]:
     try:
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
             with _opener().open(request, timeout=timeout_s) as response:
-                body = _read_capped(response, HTTP_RESPONSE_MAX_BYTES) if read_body else b""
+                body = (
+                    _read_capped(response, HTTP_RESPONSE_MAX_BYTES)
+                    if read_body
+                    else b""
+                )
                 return response.status, body
         except urllib.error.HTTPError as answer:
             # 4xx and 5xx are answers, not failures.
@@ -1052,7 +1106,9 @@ def _exchange(
 
     def work() -> None:
         try:
-            box["value"] = _exchange_blocking(method, url, headers, data, timeout_s, read_body)
+            box["value"] = _exchange_blocking(
+                method, url, headers, data, timeout_s, read_body
+            )
         except BaseException as exc:  # handed to the waiting thread
             box["error"] = exc
 
@@ -1108,17 +1164,23 @@ def _read_step_file(path: str, name: str) -> bytes:
     try:
         return _read_regular_file(path, HTTP_STEP_FILE_MAX_BYTES)
     except OSError as exc:
-        raise StepError(f"failed to read http step '{name}': {exc.strerror}: {path}") from exc
+        raise StepError(
+            f"failed to read http step '{name}': {exc.strerror}: {path}"
+        ) from exc
     except _NotRegularFile:
-        raise StepError(f"http step '{name}' file is not a regular file: {path}") from None
+        raise StepError(
+            f"http step '{name}' file is not a regular file: {path}"
+        ) from None
     except _FileTooLarge:
         limit = HTTP_STEP_FILE_MAX_BYTES
-        raise StepError(f"http step '{name}' file exceeds {limit} bytes: {path}") from None
+        raise StepError(
+            f"http step '{name}' file exceeds {limit} bytes: {path}"
+        ) from None
 
 
 def _blank(value: Any) -> bool:
     """True unless ``value`` is a string with non-whitespace text."""
-    return not isinstance(value, str) or not value.strip()
+    return not isinstance(value, str) or not value.strip(_JS_SPACE)
 
 
 def _load_http_definition(path: str, name: str) -> dict:
@@ -1141,7 +1203,9 @@ def _prepare_request(
     definition: dict, name: str, ctx: _Context
 ) -> tuple[str, str, dict[str, str], bytes | None]:
     """Template an http step definition into (method, url, headers, body bytes)."""
-    method = js_string(render_template(definition["method"], ctx.input, ctx.env)).upper()
+    method = js_string(
+        render_template(definition["method"], ctx.input, ctx.env)
+    ).upper()
     url = render_template(definition["url"], ctx.input, ctx.env)
     if not isinstance(url, str):
         raise StepError(f"http step '{name}' url must resolve to string")
@@ -1187,7 +1251,9 @@ def _http_step(step: dict, ctx: _Context) -> _Outcome:
     name = step["name"]
     started_at = iso_now()
     try:
-        definition = _load_http_definition(os.path.join(ctx.bundle_dir, step["run"]), name)
+        definition = _load_http_definition(
+            os.path.join(ctx.bundle_dir, step["run"]), name
+        )
         method, url, headers, data = _prepare_request(definition, name, ctx)
         bound_ms: float = ctx.http_timeout_ms
         remaining = ctx.remaining_ms()
@@ -1202,9 +1268,13 @@ def _http_step(step: dict, ctx: _Context) -> _Outcome:
             reason = f"timed out after {ctx.http_timeout_ms}ms"
             raise StepError(f"http step '{name}' request failed: {reason}") from None
         except _HttpFailure as exc:
-            raise StepError(f"http step '{name}' request failed: {exc.reason}") from None
+            raise StepError(
+                f"http step '{name}' request failed: {exc.reason}"
+            ) from None
     except StepError as exc:
-        return _Outcome(_http_record(name, started_at, False, exc.message), None, exc.message)
+        return _Outcome(
+            _http_record(name, started_at, False, exc.message), None, exc.message
+        )
     message = f"http {method} {url} -> {status}"
     record = _http_record(name, started_at, True, message)
     return _Outcome(record, (f"step.{name}.json", _decode_body(body)), None)
@@ -1261,14 +1331,20 @@ def _check_http_status(params: dict, outputs: dict, http_timeout_s: float) -> di
     ref = _optional_string(params, "url_from_output")
     if url is None:
         if ref is None:
-            raise StepError("http_status check needs params.url or params.url_from_output")
+            raise StepError(
+                "http_status check needs params.url or params.url_from_output"
+            )
         url = resolve_output_ref(ref, outputs)
         if not isinstance(url, str):
-            raise StepError(f"http_status url_from_output must resolve to string: {ref}")
+            raise StepError(
+                f"http_status url_from_output must resolve to string: {ref}"
+            )
     try:
         status, _ = _exchange("GET", url, {}, None, http_timeout_s, read_body=False)
     except _HttpTimeout:
-        raise StepError(f"timed out after {_js_number(http_timeout_s * 1000)}ms") from None
+        raise StepError(
+            f"timed out after {_js_number(http_timeout_s * 1000)}ms"
+        ) from None
     except _HttpFailure as exc:
         # The client's text alone, without a prefix, as the original reports it.
         raise StepError(exc.reason) from None
@@ -1285,9 +1361,8 @@ def _check_jsonpath_equals(params: dict, outputs: dict) -> dict:
     expected = params.get("expected", UNDEFINED)
     if _js_equal(expected, actual):
         return _check_result("jsonpath_equals", True, f"jsonpath matched: {path}")
-    message = (
-        f"jsonpath mismatch at {path}: expected {js_string(expected)}, got {js_string(actual)}"
-    )
+    want, got = js_string(expected), js_string(actual)
+    message = f"jsonpath mismatch at {path}: expected {want}, got {got}"
     return _check_result("jsonpath_equals", False, message)
 
 
@@ -1295,7 +1370,9 @@ def _check_result(kind: str, success: bool, message: str) -> dict:
     return {"type": kind, "success": success, "message": message}
 
 
-def _evaluate_check(check: dict, outputs: dict, base_dir: str, http_timeout_s: float) -> dict:
+def _evaluate_check(
+    check: dict, outputs: dict, base_dir: str, http_timeout_s: float
+) -> dict:
     """Evaluate one check into ``{type, success, message}``; StepError if it throws."""
     kind = check.get("type")
     params = check.get("params")
@@ -1336,17 +1413,21 @@ def evaluate_checks(
 
 
 def _copy_file(source: str, target: str) -> None:
-    """Copy one regular file (never through a symlink), keeping its permission bits."""
+    """Copy one regular file (never through a symlink), keeping its permission bits.
+
+    Raises OSError or _NotRegularFile.
+    """
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(source, flags)
+    fd = os.open(source, flags | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise StepError(f"unsupported file type in steps/: {source}")
+            raise _NotRegularFile(source)
         out_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
         out = os.open(target, out_flags, 0o600)
         with os.fdopen(os.dup(fd), "rb") as reader, os.fdopen(out, "wb") as writer:
             shutil.copyfileobj(reader, writer)
+        # Permission bits only: set-id bits have no business in a working copy.
         os.chmod(target, stat.S_IMODE(info.st_mode) & 0o777)
     finally:
         os.close(fd)
@@ -1370,7 +1451,12 @@ def _copy_steps(source: str, target: str) -> None:
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((entry.path, dst))
                 elif entry.is_file(follow_symlinks=False):
-                    _copy_file(entry.path, dst)
+                    try:
+                        _copy_file(entry.path, dst)
+                    except _NotRegularFile:  # replaced since the scan
+                        raise StepError(
+                            f"unsupported file type in steps/: {entry.path}"
+                        ) from None
                 else:
                     raise StepError(f"unsupported file type in steps/: {entry.path}")
     # Directory modes last, so a read-only directory does not stop its own copy.
@@ -1386,7 +1472,9 @@ def _copy_bundle(source: str, target: str) -> str:
     """
     try:
         os.makedirs(target, mode=0o700, exist_ok=True)
-        _copy_file(os.path.join(source, "spell.yaml"), os.path.join(target, "spell.yaml"))
+        _copy_file(
+            os.path.join(source, "spell.yaml"), os.path.join(target, "spell.yaml")
+        )
         schema = os.path.join(source, "schema.json")
         if os.path.lexists(schema):
             _copy_file(schema, os.path.join(target, "schema.json"))
@@ -1394,6 +1482,8 @@ def _copy_bundle(source: str, target: str) -> str:
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         raise StepError(f"failed to copy bundle: {exc.strerror or exc}{where}") from exc
+    except _NotRegularFile as exc:
+        raise StepError(f"failed to copy bundle: not a regular file: {exc}") from None
     return target
 
 
@@ -1464,7 +1554,9 @@ def run_plan(plan: dict, *, on_event: Callable[[dict], None] | None = None) -> d
                 raise StepError(outcome.error)
         http_timeout_s = ctx.http_timeout_ms / 1000
         for check in ctx.checks:
-            checks.append(_evaluate_check(check, outputs, ctx.bundle_dir, http_timeout_s))
+            checks.append(
+                _evaluate_check(check, outputs, ctx.bundle_dir, http_timeout_s)
+            )
         failed = next((check for check in checks if not check["success"]), None)
         if failed is not None:
             raise StepError(f"check failed: {failed['message']}")
@@ -1561,7 +1653,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_plan(plan)
         env = dict(os.environ)
         env.update(plan.get("env") or {})
-        result = run_plan(dict(plan, env=env), on_event=_print_event if events else None)
+        result = run_plan(
+            dict(plan, env=env), on_event=_print_event if events else None
+        )
     except PlanError as exc:
         _write_line(sys.stderr, _one_line(f"spell-runner: {exc}"))
         return 1
