@@ -27,9 +27,10 @@ Where this differs from spell-runtime 1.2.5 on purpose (see
 
 Known limitations:
 
-- the orphan sweep kills every child of this process that appeared while a
-  step ran and is not another live step; a caller that spawns other children
-  from other threads during a step must not rely on them surviving;
+- the sweep after a step kills every child of this process that is outside
+  this process's session, appeared while the step ran and is not another live
+  step; a caller that starts children in new sessions from other threads
+  during a step must not rely on them surviving;
 - without /proc (not Linux) only the step's process group is killed; a
   descendant that called ``setsid()`` can then survive;
 - redirects follow urllib's rules: a 307/308 answer to a method other than
@@ -548,18 +549,29 @@ def _become_subreaper() -> bool:
         return False
 
 
-def _child_sessions() -> dict[int, int]:
-    """Children of this process mapped to their session id, read from /proc.
+class _ProcInfo:
+    """The fields of /proc/<pid>/stat that the sweep needs."""
 
-    Empty without /proc. (/proc/<pid>/task/<tid>/children would be cheaper but
-    is missing from many kernels.)
+    __slots__ = ("pid", "zombie", "ppid", "session")
+
+    def __init__(self, pid: int, zombie: bool, ppid: int, session: int) -> None:
+        self.pid = pid
+        self.zombie = zombie
+        self.ppid = ppid
+        self.session = session
+
+
+def _processes() -> list[_ProcInfo]:
+    """Every process visible in /proc (empty without /proc).
+
+    /proc/<pid>/task/<tid>/children would be cheaper for finding children, but
+    many kernels are built without it.
     """
-    me = str(os.getpid()).encode()
-    children: dict[int, int] = {}
+    found: list[_ProcInfo] = []
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return children
+        return found
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -571,48 +583,67 @@ def _child_sessions() -> dict[int, int]:
         # After the command name, which may hold ')' or spaces:
         # state, ppid, pgrp, session, ...
         fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 3 and fields[1] == me:
-            children[int(entry)] = int(fields[3])
-    return children
+        if len(fields) > 3:
+            zombie = fields[0] in (b"Z", b"X")
+            found.append(_ProcInfo(int(entry), zombie, int(fields[1]), int(fields[3])))
+    return found
 
 
-def _kill_group(pgid: int) -> None:
-    """SIGKILL a whole process group, ignoring a group that is already gone."""
+def _child_pids() -> set[int]:
+    me = os.getpid()
+    return {info.pid for info in _processes() if info.ppid == me}
+
+
+def _kill(pid: int, group: bool = False) -> None:
+    """SIGKILL a process (or a process group), ignoring one that is already gone."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        if group:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _sweep_orphans(pgid: int, keep: set[int]) -> None:
-    """Kill the step's group and reap every adopted descendant not in ``keep``.
+def _sweep(step_pid: int, keep: set[int], *, leader_reaped: bool = False) -> None:
+    """Kill everything a step started and reap what this process adopted.
 
-    A step runs in a session of its own, and no descendant can ever join this
-    process's session again, so a child in another session that is not a live
-    step and was not there before the step is an adopted orphan of it.
-    Killing an adopted process hands its own children to this process, so the
-    sweep repeats until a round finds nothing new (bounded by REAP_GRACE_S).
+    The step leads its own session (``start_new_session``), so its descendants
+    are either in that session or, after ``setsid()``, in a newer one; none
+    can join this process's session. Each round kills the step's group, every
+    live process of the step's session, and every adopted child (a child in
+    another session that is not in ``keep`` or a live step), and reaps the
+    adopted ones. Killing a process hands its children to this subreaper, so
+    rounds repeat until the session is empty and nothing is adopted, bounded
+    by REAP_GRACE_S. ``keep`` must hold the step's own pid until Popen has
+    reaped it; once it has (``leader_reaped``), its pid may name an unrelated
+    process, so only adopted children are swept.
     """
     give_up = time.monotonic() + REAP_GRACE_S
+    me = os.getpid()
     own_session = os.getsid(0)
     while True:
-        _kill_group(pgid)
+        if not leader_reaped:
+            _kill(step_pid, group=True)
         with _LIVE_STEPS_LOCK:
             protected = keep | _LIVE_STEPS
-        strays = {
-            pid
-            for pid, session in _child_sessions().items()
-            if session != own_session and pid not in protected
-        }
-        if not strays or time.monotonic() > give_up:
+        members: list[int] = []
+        adopted: list[int] = []
+        for info in _processes():
+            if info.ppid == me and info.session != own_session:
+                if info.pid not in protected:
+                    adopted.append(info.pid)
+            elif info.session == step_pid and not info.zombie and not leader_reaped:
+                members.append(info.pid)
+        if (not members and not adopted) or time.monotonic() > give_up:
             return
-        for pid in strays:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in strays:
+        for pid in members + adopted:
+            _kill(pid)
+        for pid in adopted:
             _reap(pid, give_up)
+        if not adopted:
+            # Killed members die asynchronously; their children are adopted then.
+            time.sleep(0.002)
 
 
 def _reap(pid: int, give_up: float) -> None:
@@ -719,7 +750,7 @@ def _run_process(
     """
     _become_subreaper()
     result = _ProcessResult()
-    before = set(_child_sessions())
+    before = _child_pids()
     started = time.monotonic()
     with _LIVE_STEPS_LOCK:
         proc = _spawn(path, cwd, env)
@@ -750,7 +781,7 @@ def _run_process(
                     _read_pipe(key.fd, buffers, selector, on_output)
         # Kill what is left before reaping the leader, so the group id cannot
         # be reused by an unrelated process in between.
-        _sweep_orphans(proc.pid, before | {proc.pid})
+        _sweep(proc.pid, before | {proc.pid})
         try:
             proc.wait(timeout=REAP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -775,12 +806,12 @@ def _run_process(
         with _LIVE_STEPS_LOCK:
             _LIVE_STEPS.discard(proc.pid)
         if proc.returncode is None:
-            _kill_group(proc.pid)
+            _kill(proc.pid, group=True)
             proc.kill()
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-        _sweep_orphans(proc.pid, before)
+        _sweep(proc.pid, before, leader_reaped=True)
     return result
 
 
