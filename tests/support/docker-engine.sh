@@ -28,7 +28,13 @@
 #   the bridge reaches this machine (the gateway address) and other containers,
 #   and nothing beyond. A test that serves a container should bind its server
 #   to the gateway address, which `env`/`status` do not print but
-#   `docker network inspect bridge` shows.
+#   `docker network inspect bridge` (or images.bridge_gateway()) shows.
+#   Because forwarding is off, `docker run` on the bridge prints
+#   "WARNING: IPv4 forwarding is disabled. Networking will not work." on
+#   stderr; that is expected (it only means: no route beyond this machine).
+# * A dockerd killed with SIGKILL (say, at the end of a session) leaves a
+#   stale pid file, socket and netns mounts; `start` clears them and the new
+#   daemon removes the dead containers itself.
 # * The Docker Hub is unreachable: images come from tests/support/images.py.
 # * Debian's postinst does not start a system dockerd here (policy-rc.d says
 #   101), and we never touch /var/run/docker.sock.
