@@ -60,6 +60,20 @@ import urllib.request
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+__all__ = [
+    "UNDEFINED",
+    "PlanError",
+    "StepError",
+    "dumps_js",
+    "evaluate_checks",
+    "iso_now",
+    "js_string",
+    "main",
+    "render_template",
+    "resolve_output_ref",
+    "run_plan",
+]
+
 # Limits and defaults ##################################################################
 
 #: Bytes kept from the start and from the end of each output stream of a shell
@@ -503,7 +517,7 @@ def _members(container: dict | list) -> Any:
 
 # Output references ####################################################################
 
-_OUTPUT_REF = re.compile(r"step\.([^.]+)\.(stdout|json)(?:\.(.+))?", re.DOTALL)
+_OUTPUT_REF = re.compile(r"step\.([^.]+)\.(stdout|json)(?:\.(.+))?")
 
 
 def resolve_output_ref(ref: str, outputs: dict) -> Any:
@@ -1089,6 +1103,7 @@ def _exchange_blocking(
     timeout_s: float,
     read_body: bool,
 ) -> tuple[int, bytes]:
+    """One request in the calling thread; see ``_exchange`` for the contract."""
     try:
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
@@ -1252,7 +1267,7 @@ def _prepare_request(
     if "body" in definition:
         body = render_template(definition["body"], ctx.input, ctx.env)
         if isinstance(body, str):
-            data = body.encode("utf-8", errors="surrogatepass")
+            data = body.encode("utf-8", errors="backslashreplace")
             # What fetch sends for a string body; urllib's own default would be
             # a form encoding the body is not.
             headers.setdefault("content-type", "text/plain;charset=UTF-8")
@@ -1648,7 +1663,7 @@ def _read_plan(path: str) -> dict:
 
 def _write_line(stream: Any, text: str) -> None:
     """Write one UTF-8 line whatever the locale, and flush it."""
-    data = (text + "\n").encode("utf-8", errors="surrogatepass")
+    data = (text + "\n").encode("utf-8", errors="backslashreplace")
     target = getattr(stream, "buffer", None)
     if target is not None:
         stream.flush()

@@ -1234,3 +1234,25 @@ def test_cli_bad_plan(tmp_path: Path) -> None:
     done = run_cli("--plan", str(tmp_path))
     assert done.returncode == 1
     assert done.stderr.startswith("spell-runner: plan is not a regular file")
+
+
+def test_cli_main_in_process_usage(capsys) -> None:
+    assert spell_runner.main(["--events"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "usage: spell-runner --plan <plan.json>\n"
+
+
+def test_evaluate_checks_hands_back_earlier_results() -> None:
+    checks = [{"type": "exit_code"}, {"type": "jsonpath_equals", "params": {}}]
+    with pytest.raises(StepError) as caught:
+        spell_runner.evaluate_checks(checks, OUTPUTS, "/", http_timeout_s=1)
+    assert [r["type"] for r in caught.value.results] == ["exit_code"]
+
+
+def test_workdir_copy_needs_spell_yaml(bundle: Path, tmp_path: Path) -> None:
+    (bundle / "spell.yaml").unlink()
+    plan = make_plan(bundle, [], workdir_copy_to=str(tmp_path / "w"))
+    result = spell_runner.run_plan(plan)
+    expected = f"failed to copy bundle: No such file or directory: {bundle}/spell.yaml"
+    assert result["error"] == expected
