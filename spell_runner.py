@@ -119,6 +119,11 @@ REAP_GRACE_S = 2.0
 #: request that times out in the socket reports its own error first.
 HTTP_JOIN_GRACE_S = 0.05
 
+#: Longest single wait handed to select(), join() or a socket. Timeouts are
+#: plain integers with no upper bound, and the OS calls overflow past a few
+#: weeks; longer waits are made in several rounds.
+MAX_WAIT_S = 86_400.0
+
 #: Linux prctl option that makes this process adopt orphaned descendants
 #: (<linux/prctl.h>).
 PR_SET_CHILD_SUBREAPER = 36
@@ -789,7 +794,7 @@ def _run_process(
             if left <= 0:
                 result.timed_out = True
                 break
-            wait = left if pidfd is not None else min(left, EXIT_POLL_S)
+            wait = min(left, MAX_WAIT_S if pidfd is not None else EXIT_POLL_S)
             for key, _ in selector.select(wait):
                 if key.fd in buffers:
                     _read_pipe(key.fd, buffers, selector, on_output)
@@ -1107,7 +1112,9 @@ def _exchange_blocking(
     try:
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            with _opener().open(request, timeout=timeout_s) as response:
+            with _opener().open(
+                request, timeout=min(timeout_s, MAX_WAIT_S)
+            ) as response:
                 body = (
                     _read_capped(response, HTTP_RESPONSE_MAX_BYTES)
                     if read_body
@@ -1160,7 +1167,9 @@ def _exchange(
 
     worker = threading.Thread(target=work, name="spell-http", daemon=True)
     worker.start()
-    worker.join(timeout_s + HTTP_JOIN_GRACE_S)
+    give_up = time.monotonic() + timeout_s + HTTP_JOIN_GRACE_S
+    while worker.is_alive() and time.monotonic() < give_up:
+        worker.join(min(give_up - time.monotonic(), MAX_WAIT_S))
     if worker.is_alive():
         raise _HttpTimeout()
     if "error" in box:

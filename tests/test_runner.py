@@ -1256,3 +1256,17 @@ def test_workdir_copy_needs_spell_yaml(bundle: Path, tmp_path: Path) -> None:
     result = spell_runner.run_plan(plan)
     expected = f"failed to copy bundle: No such file or directory: {bundle}/spell.yaml"
     assert result["error"] == expected
+
+
+def test_huge_timeouts_do_not_overflow(bundle: Path, server) -> None:
+    run = write_step(bundle, "a.sh", "#!/bin/sh\necho ok\n")
+    step = http_step(bundle, "h", {"method": "GET", "url": server.base + "/json"})
+    huge = 10**15
+    plan = make_plan(
+        bundle,
+        [shell("a", run), step],
+        step_timeout_ms=huge,
+        http_timeout_ms=huge,
+        execution_timeout_ms=huge,
+    )
+    assert spell_runner.run_plan(plan)["success"] is True
