@@ -42,7 +42,6 @@ from __future__ import annotations
 import codecs
 import errno
 import functools
-import http.client
 import json
 import math
 import os
@@ -55,8 +54,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -1057,6 +1054,10 @@ class _HttpTimeout(Exception):
 
 def _opener() -> urllib.request.OpenerDirector:
     """An opener for http and https only, without proxies (fetch ignores them too)."""
+    # Imported here: urllib.request pulls in http.client and email, ~20 ms that
+    # every `spell --help` would otherwise pay.
+    import urllib.request
+
     opener = urllib.request.OpenerDirector()
     handlers: list[Any] = [
         urllib.request.HTTPHandler,
@@ -1074,6 +1075,8 @@ def _opener() -> urllib.request.OpenerDirector:
 
 def _reason(exc: BaseException) -> str:
     """Short text of a client error: the OS's strerror where there is one."""
+    import urllib.error
+
     if isinstance(exc, urllib.error.URLError) and not isinstance(
         exc, urllib.error.HTTPError
     ):
@@ -1109,6 +1112,10 @@ def _exchange_blocking(
     read_body: bool,
 ) -> tuple[int, bytes]:
     """One request in the calling thread; see ``_exchange`` for the contract."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
     try:
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
