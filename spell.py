@@ -1342,7 +1342,8 @@ def _crypto_detail(exc: Exception) -> str:
 
 def _key_type_name(key) -> str:
     """A short name for the type of a ``cryptography`` key (``RSA``, ``EC``, ...)."""
-    from cryptography.hazmat.primitives.asymmetric import dh, dsa, ec, ed448, rsa, x448, x25519
+    from cryptography.hazmat.primitives.asymmetric import (
+        dh, dsa, ec, ed448, rsa, x448, x25519)
 
     kinds = (("RSA", rsa.RSAPublicKey, rsa.RSAPrivateKey),
              ("EC", ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey),
@@ -1382,8 +1383,9 @@ def _ed25519_private_key(pem: bytes):
 
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except TypeError:
-        raise KeyInvalid("the key is encrypted; spell needs an unencrypted PKCS#8 key") from None
+    except TypeError:  # raised when the PEM is encrypted and no password was given
+        message = "the key is encrypted; spell needs an unencrypted PKCS#8 key"
+        raise KeyInvalid(message) from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyInvalid(_crypto_detail(exc)) from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -1467,7 +1469,8 @@ def bundle_files(bundle_dir: str) -> list[str]:
         raise SignatureError(f"symlink is not allowed: {steps_dir}")
     if not stat.S_ISDIR(info.st_mode):
         raise SignatureError("steps/ must be a directory")
-    files = ["spell.yaml", "schema.json"] + ["steps/" + rel for rel in _walk_steps(steps_dir)]
+    files = ["spell.yaml", "schema.json"]
+    files += ["steps/" + rel for rel in _walk_steps(steps_dir)]
     files.sort(key=locale_key)
     return files
 
@@ -1595,31 +1598,29 @@ def _verify_bundle_strict(manifest: dict, bundle_dir: str, publisher: str) -> di
     if sig is None:
         return _verification(False, "unsigned", publisher, "spell.sig.json not found")
     key_id, declared = sig["key_id"], sig["digest"]["value"]
+
+    def fail(status: str, message: str, digest_hex: str) -> dict:
+        return _verification(False, status, publisher, message, key_id, digest_hex)
+
     if sig["publisher"] != publisher:
-        return _verification(
-            False, "invalid", publisher,
-            f"signature publisher mismatch: expected '{publisher}', got '{sig['publisher']}'",
-            key_id, declared)
+        return fail("invalid", f"signature publisher mismatch: expected '{publisher}', "
+                               f"got '{sig['publisher']}'", declared)
     trust = load_trust(publisher)
     if trust is None:
-        return _verification(False, "untrusted", publisher,
-                             f"no trusted key for publisher: {publisher}", key_id, declared)
+        return fail("untrusted", f"no trusted key for publisher: {publisher}", declared)
     public_key = trusted_key(trust, key_id)
     if public_key is None:
-        return _verification(False, "untrusted", publisher,
-                             f"trusted key_id not found: {key_id}", key_id, declared)
+        return fail("untrusted", f"trusted key_id not found: {key_id}", declared)
     digest = bundle_digest(bundle_dir)
     if digest.hex() != declared:
-        return _verification(False, "invalid", publisher, "digest mismatch",
-                             key_id, digest.hex())
+        return fail("invalid", "digest mismatch", digest.hex())
     try:
         key = _ed25519_public_key(public_key)
     except KeyInvalid as exc:
-        return _verification(False, "untrusted", publisher,
-                             f"invalid trusted public key: {exc.message}", key_id, digest.hex())
+        message = f"invalid trusted public key: {exc.message}"
+        return fail("untrusted", message, digest.hex())
     if not _ed25519_verify(key, b64url_decode(sig["signature"]), digest):
-        return _verification(False, "invalid", publisher, "signature verification failed",
-                             key_id, digest.hex())
+        return fail("invalid", "signature verification failed", digest.hex())
     return _verification(True, "verified", publisher, "verified", key_id, digest.hex())
 
 
@@ -1684,13 +1685,15 @@ def cmd_sign_keygen(args, io) -> int:
     if not args.force:
         for path in (private_path, public_path):
             if os.path.lexists(path):
-                raise SpellError(f"key file already exists: {path} (use --force to overwrite)")
+                raise SpellError(
+                    f"key file already exists: {path} (use --force to overwrite)")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise SpellError(f"out dir is not a directory: {out_dir}")
     os.makedirs(out_dir, mode=STORE_DIR_MODE, exist_ok=True)
 
     key = ed25519.Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     public_b64 = _spki_base64url(key.public_key())
     write_atomic(private_path, pem, PRIVATE_FILE_MODE)
@@ -1711,14 +1714,16 @@ def load_private_key(path: str):
     except _Unreadable as exc:
         if exc.kind in ("missing", "os"):
             raise SignatureError(f"private key file not found: {path}") from None
-        raise SignatureError(f"failed to read private key file {path}: {exc.detail}") from None
+        raise SignatureError(
+            f"failed to read private key file {path}: {exc.detail}") from None
     try:
         return _ed25519_private_key(pem)
     except KeyInvalid as exc:
         raise SignatureError(f"failed to parse private key: {exc.message}") from None
 
 
-def sign_bundle(bundle_dir: str, private_key, publisher: str, key_id: str) -> tuple[str, str]:
+def sign_bundle(bundle_dir: str, private_key, publisher: str,
+                key_id: str) -> tuple[str, str]:
     """Write ``spell.sig.json`` for a bundle; return (its path, the digest hex)."""
     root = os.path.abspath(bundle_dir)
     digest = bundle_digest(root)
@@ -1822,7 +1827,8 @@ def _validate_trust(raw, publisher: str, path: str) -> dict:
         if key_id in seen:
             raise TrustError(f"duplicate trust key_id: {key_id}")
         seen.add(key_id)
-        keys.append({"key_id": key_id, "algorithm": algorithm, "public_key": public_key})
+        keys.append({"key_id": key_id, "algorithm": algorithm,
+                     "public_key": public_key})
     return {"version": version, "publisher": file_publisher, "keys": keys}
 
 
@@ -1858,7 +1864,8 @@ def _parse_trust_key_arg(text: str) -> str:
     """Check a ``trust add`` key argument; return the trimmed base64url text."""
     text = js_trim(text)
     if len(text) > PUBLIC_KEY_MAX_CHARS:
-        raise SpellError(f"invalid public key: longer than {PUBLIC_KEY_MAX_CHARS} characters")
+        raise SpellError(
+            f"invalid public key: longer than {PUBLIC_KEY_MAX_CHARS} characters")
     if not is_base64url(text):
         raise SpellError(
             "invalid public key: must be base64url (A-Z a-z 0-9 - _, no padding)"
@@ -1868,7 +1875,8 @@ def _parse_trust_key_arg(text: str) -> str:
     except KeyInvalid as exc:
         raise SpellError(f"invalid public key: {exc.message}") from None
     if _spki_base64url(key) != text:
-        raise SpellError("invalid public key: not the exact base64url of an SPKI DER key")
+        raise SpellError(
+            "invalid public key: not the exact base64url of an SPKI DER key")
     return text
 
 
@@ -1900,6 +1908,14 @@ def _utf16_key(text: str) -> bytes:
     return text.encode("utf-16-be", "surrogatepass")
 
 
+def _listable_key(item) -> bool:
+    """Whether ``trust list`` shows a key entry (lenient reading)."""
+    return (isinstance(item, dict)
+            and isinstance(item.get("key_id"), str) and bool(js_trim(item["key_id"]))
+            and isinstance(item.get("public_key"), str)
+            and item.get("algorithm") == "ed25519")
+
+
 def list_trusted() -> list[tuple[str, list[str]]]:
     """Trusted publishers and their key ids, read leniently (junk is skipped).
 
@@ -1927,10 +1943,7 @@ def list_trusted() -> list[tuple[str, list[str]]]:
         items = raw.get("keys")
         if not isinstance(items, list):
             continue
-        key_ids = [js_trim(item["key_id"]) for item in items
-                   if isinstance(item, dict) and isinstance(item.get("key_id"), str)
-                   and js_trim(item["key_id"]) and isinstance(item.get("public_key"), str)
-                   and item.get("algorithm") == "ed25519"]
+        key_ids = [js_trim(item["key_id"]) for item in items if _listable_key(item)]
         if key_ids:
             found.append((js_trim(publisher), sorted(key_ids, key=_utf16_key)))
     found.sort(key=lambda entry: locale_key(entry[0]))
@@ -2014,7 +2027,9 @@ def timestamp_ms(text: str) -> int | None:
         zone_hours, zone_minutes = int(zone[1:3]), int(zone[4:6])
         if zone_hours > 23 or zone_minutes > 59:
             return None
-        offset = (zone_hours * 60 + zone_minutes) * 60_000 * (1 if zone[0] == "+" else -1)
+        offset = (zone_hours * 60 + zone_minutes) * 60_000
+        if zone[0] == "-":
+            offset = -offset
     millis = int((fraction + "000")[:3])
     time_ms = ((hour * 60 + minute) * 60 + second) * 1000 + millis
     return _days_from_civil(year, month, day) * _MS_PER_DAY + time_ms - offset
@@ -2069,7 +2084,8 @@ def validate_claims(raw) -> dict:
     if not _is_json_number(max_amount):
         raise EntitlementError(prefix + "missing 'max_amount' number")
     if not _is_finite(max_amount) or max_amount < 0:
-        raise EntitlementError(prefix + "max_amount must be a non-negative finite number")
+        raise EntitlementError(
+            prefix + "max_amount must be a non-negative finite number")
     not_before = text("not_before")
     expires_at = text("expires_at")
     bounds = []
@@ -2108,13 +2124,13 @@ def parse_entitlement_token(token: str) -> dict:
         )
     _, payload, signature = parts
     if not payload or not signature:
-        raise EntitlementError(
-            "invalid entitlement token format; payload and signature segments are required"
-        )
+        raise EntitlementError("invalid entitlement token format; "
+                               "payload and signature segments are required")
     if not is_base64url(payload):
         raise EntitlementError("invalid entitlement payload segment: must be base64url")
     if not is_base64url(signature):
-        raise EntitlementError("invalid entitlement signature segment: must be base64url")
+        raise EntitlementError(
+            "invalid entitlement signature segment: must be base64url")
     try:
         raw = _parse_json_bytes(b64url_decode(payload))
     except ValueError as exc:
@@ -2145,12 +2161,15 @@ def _check_entitlement_signature(parsed: dict) -> None:
         raise EntitlementError(f"invalid trusted public key: {exc.message}") from None
     metadata = parsed["metadata"]
     signature = b64url_decode(metadata["signature_base64url"])
-    if not _ed25519_verify(key, signature, metadata["payload_base64url"].encode("ascii")):
+    # The signature covers the payload segment's ASCII text, not the decoded JSON.
+    payload = metadata["payload_base64url"].encode("ascii")
+    if not _ed25519_verify(key, signature, payload):
         raise EntitlementError("entitlement signature verification failed")
 
 
 def _in_window(claims: dict, now_ms: int) -> bool:
-    return timestamp_ms(claims["not_before"]) <= now_ms <= timestamp_ms(claims["expires_at"])
+    start, end = timestamp_ms(claims["not_before"]), timestamp_ms(claims["expires_at"])
+    return start <= now_ms <= end
 
 
 def verify_entitlement_token(token: str, now) -> dict:
@@ -2167,7 +2186,8 @@ def verify_entitlement_token(token: str, now) -> dict:
             f"entitlement token not valid yet (not_before={claims['not_before']})"
         )
     if now_ms > timestamp_ms(claims["expires_at"]):
-        raise EntitlementError(f"entitlement token expired (expires_at={claims['expires_at']})")
+        raise EntitlementError(
+            f"entitlement token expired (expires_at={claims['expires_at']})")
     return parsed
 
 
@@ -2223,9 +2243,11 @@ def _validate_license(raw, path: str, expected_name: str | None, strict: bool) -
     segments = parsed["metadata"]
     if (segments["payload_base64url"] != metadata["payload_base64url"]
             or segments["signature_base64url"] != metadata["signature_base64url"]):
-        raise LicenseError("stored entitlement token metadata does not match token segments")
+        raise LicenseError(
+            "stored entitlement token metadata does not match token segments")
     if parsed["claims"] != claims:
-        raise LicenseError("stored entitlement claims do not match token payload claims")
+        raise LicenseError(
+            "stored entitlement claims do not match token payload claims")
     record["entitlement"] = claims
     return record
 
@@ -2236,7 +2258,8 @@ def _load_license(path: str, expected_name: str | None, strict: bool) -> dict | 
     except _Unreadable as exc:
         if exc.kind == "missing":
             return None
-        raise LicenseError(f"failed to read license file {path}: {exc.detail}") from None
+        raise LicenseError(
+            f"failed to read license file {path}: {exc.detail}") from None
     try:
         raw = _parse_json_bytes(data)
     except ValueError:
@@ -2257,7 +2280,7 @@ def list_licenses() -> list[dict]:
     except OSError:
         return []
     found = []
-    for name in names:
+    for name in sorted(names):  # sorted: records sharing a name keep one order
         if not name.endswith(".json"):
             continue
         try:
@@ -2385,6 +2408,7 @@ _POLICY_KEYS = ("version", "default", "publishers", "max_risk", "runtime")
 
 
 def policy_path() -> str:
+    """``<store>/policy.json``."""
     return store_path(POLICY_FILE)
 
 
@@ -2446,9 +2470,8 @@ def validate_policy(raw) -> dict:
     if "max_risk" in raw:
         max_risk = raw["max_risk"]
         if not isinstance(max_risk, str) or max_risk not in RISKS:
-            raise PolicyError(
-                f"max_risk must be one of low|medium|high|critical, got '{_js_text(max_risk)}'"
-            )
+            raise PolicyError("max_risk must be one of low|medium|high|critical, "
+                              f"got '{_js_text(max_risk)}'")
         policy["max_risk"] = max_risk
     if "runtime" in raw:
         runtime = raw["runtime"]
@@ -2469,13 +2492,15 @@ def validate_policy(raw) -> dict:
 def read_policy_file(path: str, *, missing_ok: bool = True) -> dict | None:
     """Load and validate a policy file; ``None`` when it does not exist.
 
-    Not a regular file, larger than the cap, not JSON (NaN and Infinity
-    included) or not a valid policy: ``PolicyError``.
+    A symlink is followed (an administrator may link a managed policy in), but
+    a dangling one is an error rather than "no policy".  Not a regular file,
+    larger than the cap, not JSON (NaN and Infinity included) or not a valid
+    policy: ``PolicyError``.
     """
     try:
-        data = _read_regular(path, JSON_FILE_MAX_BYTES)
+        data = _read_regular(path, JSON_FILE_MAX_BYTES, follow_symlinks=True)
     except _Unreadable as exc:
-        if exc.kind == "missing" and missing_ok:
+        if exc.kind == "missing" and missing_ok and not os.path.lexists(path):
             return None
         raise PolicyError(f"failed to read {path}: {exc.detail}") from None
     try:

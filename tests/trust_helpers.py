@@ -24,13 +24,15 @@ VECTOR_PEM = (
 VECTOR_PUBLIC = "MCowBQYDK2VwAyEAT-ShWx9zsTsJ1bQlDN2dyne9WvgTkEsUBl_bnn4PFfM"
 HELLO_HOST_DIGEST = "c9c08ec3f9ac2dd33d054913541fa756424691d4dfe964e988f81ef6108ae86a"
 HELLO_HOST_SIGNATURE = (
-    "36n1gS5jopkSaugWs_CvqXD0dZz04dS6mpq-MPf0YuZNZC-WgpbwEuqxqjIJMtWcfvWNIx2OXhVxoPj9ukQ-Dw"
+    "36n1gS5jopkSaugWs_CvqXD0dZz04dS6mpq-MPf0YuZN"
+    "ZC-WgpbwEuqxqjIJMtWcfvWNIx2OXhVxoPj9ukQ-Dw"
 )
 VECTOR_TOKEN = (
-    "ent1.eyJ2ZXJzaW9uIjoidjEiLCJpc3N1ZXIiOiJpc3MxIiwia2V5X2lkIjoiazEiLCJtb2RlIjoib25fc3Vj"
-    "Y2VzcyIsImN1cnJlbmN5IjoiVVNEIiwibWF4X2Ftb3VudCI6MjUsIm5vdF9iZWZvcmUiOiIyMDIwLTAxLTAx"
-    "VDAwOjAwOjAwWiIsImV4cGlyZXNfYXQiOiIyMDk5LTAxLTAxVDAwOjAwOjAwWiJ9.H1EYAwEdQGsfE_bn9P2m"
-    "_FiOhJqebNZsfAnGJPt9if7qIp4jFtzZCfu396DLGeDFYwHy3CShCI3fn9stPQOjDQ"
+    "ent1.eyJ2ZXJzaW9uIjoidjEiLCJpc3N1ZXIiOiJpc3MxIiwia2V5X2lkIjoiazEiLCJtb2Rl"
+    "Ijoib25fc3VjY2VzcyIsImN1cnJlbmN5IjoiVVNEIiwibWF4X2Ftb3VudCI6MjUsIm5vdF9i"
+    "ZWZvcmUiOiIyMDIwLTAxLTAxVDAwOjAwOjAwWiIsImV4cGlyZXNfYXQiOiIyMDk5LTAxLTAx"
+    "VDAwOjAwOjAwWiJ9.H1EYAwEdQGsfE_bn9P2m_FiOhJqebNZsfAnGJPt9if7qIp4jFtzZCfu3"
+    "96DLGeDFYwHy3CShCI3fn9stPQOjDQ"
 )
 
 MANIFEST_TEMPLATE = """\
@@ -80,12 +82,18 @@ def run(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def make_bundle(path, spell_id: str = "pub/signed", version: str = "1.0.0",
-                risk: str = "low", steps: dict | None = None):
+def make_bundle(
+    path,
+    spell_id: str = "pub/signed",
+    version: str = "1.0.0",
+    risk: str = "low",
+    steps: dict | None = None,
+):
     """Write a valid source bundle at ``path``; return it."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "spell.yaml").write_text(
-        MANIFEST_TEMPLATE.format(id=spell_id, version=version, risk=risk))
+        MANIFEST_TEMPLATE.format(id=spell_id, version=version, risk=risk)
+    )
     (path / "schema.json").write_text('{"type": "object"}\n')
     (path / "steps").mkdir(exist_ok=True)
     for rel, content in (steps or {"main.sh": "echo hello\n"}).items():
@@ -115,7 +123,8 @@ def public_b64(private_key) -> str:
     from cryptography.hazmat.primitives import serialization
 
     der = private_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return spell.b64url_encode(der)
 
 
@@ -123,8 +132,10 @@ def pem_of(private_key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def write_trust(store, publisher: str, keys: list[tuple[str, str]]) -> str:
@@ -132,15 +143,25 @@ def write_trust(store, publisher: str, keys: list[tuple[str, str]]) -> str:
     folder = store / "trust" / "publishers"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (spell.id_key(publisher) + ".json")
-    path.write_text(json.dumps({
-        "version": "v1", "publisher": publisher,
-        "keys": [{"key_id": k, "algorithm": "ed25519", "public_key": p} for k, p in keys],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "version": "v1",
+                "publisher": publisher,
+                "keys": [
+                    {"key_id": k, "algorithm": "ed25519", "public_key": p}
+                    for k, p in keys
+                ],
+            }
+        )
+    )
     return str(path)
 
 
 def trust(publisher: str, private_key, key_id: str = "default") -> None:
-    code, _, err = run("trust", "add", publisher, public_b64(private_key), "--key-id", key_id)
+    code, _, err = run(
+        "trust", "add", publisher, public_b64(private_key), "--key-id", key_id
+    )
     assert code == 0, err
 
 
@@ -148,7 +169,10 @@ def sign_by_hand(bundle, private_key, publisher: str = "pub", key_id: str = "def
     """Sign a bundle with the digest function and ``cryptography`` only."""
     digest = spell.bundle_digest(str(bundle))
     record = {
-        "version": "v1", "publisher": publisher, "key_id": key_id, "algorithm": "ed25519",
+        "version": "v1",
+        "publisher": publisher,
+        "key_id": key_id,
+        "algorithm": "ed25519",
         "digest": {"algorithm": "sha256", "value": digest.hex()},
         "signature": spell.b64url_encode(private_key.sign(digest)),
     }
@@ -158,11 +182,19 @@ def sign_by_hand(bundle, private_key, publisher: str = "pub", key_id: str = "def
 
 def make_token(private_key, claims: dict | None = None, **changes) -> str:
     """Mint an ``ent1`` token over ``claims`` (defaults: the dev licence)."""
-    body = dict(claims or {
-        "version": "v1", "issuer": "entitlement-dev", "key_id": "k1",
-        "mode": "on_success", "currency": "USD", "max_amount": 25,
-        "not_before": "2020-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z",
-    })
+    body = dict(
+        claims
+        or {
+            "version": "v1",
+            "issuer": "entitlement-dev",
+            "key_id": "k1",
+            "mode": "on_success",
+            "currency": "USD",
+            "max_amount": 25,
+            "not_before": "2020-01-01T00:00:00Z",
+            "expires_at": "2099-01-01T00:00:00Z",
+        }
+    )
     body.update(changes)
     payload = spell.b64url_encode(json.dumps(body).encode("utf-8"))
     signature = spell.b64url_encode(private_key.sign(payload.encode("ascii")))
