@@ -2570,9 +2570,956 @@ def cmd_policy_validate(args, io) -> int:
 
 # Cast ########################################################################
 
+#: Runtime limits (spec: SPELL_RUNTIME_*), with the original's defaults.
+DEFAULT_INPUT_MAX_BYTES = 65536
+DEFAULT_STEP_TIMEOUT_MS = 60_000
+#: A ``--input`` file may hold whitespace the compact size does not count;
+#: read at most this many times the input limit (and never less than 1 MiB).
+INPUT_FILE_FACTOR = 8
+#: A schema ``pattern`` can backtrack for ever; validation gets this long.
+SCHEMA_VALIDATION_TIMEOUT_S = 5.0
+
+#: Redaction (docs/security.md): keys whose values are masked wholesale.
+_SECRET_KEY_RE = re.compile(
+    r"authorization|token|secret|password|api[-_]?key|private[-_]?key|cookie|set-cookie",
+    re.IGNORECASE,
+)
+#: Environment variables whose values are masked wherever they appear.
+_SECRET_ENV_RE = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PRIVATE_KEY|API_KEY|ACCESS_KEY|AUTH|COOKIE|SESSION|CREDENTIAL",
+    re.IGNORECASE,
+)
+#: Desktop session variables match SESSION but hold no secret (docs/compatibility.md).
+_BENIGN_ENV_PREFIXES = ("XDG_",)
+_BEARER_RE = re.compile(r"(bearer\s+)[^\s\"']+", re.IGNORECASE)
+_TOKEN_LIKE_RE = re.compile(
+    r"\b(?:ghp_|github_pat_|npm_|sk_live_|sk_test_|xoxb_|xoxp_)[A-Za-z0-9_-]+"
+)
+REDACTED = "[REDACTED]"
+#: Shorter values would mask ordinary words; the original uses the same bound.
+SECRET_MIN_LENGTH = 4
+#: The API's own credentials never reach a step.
+_PRIVATE_ENV = ("SPELL_API_AUTH_KEYS", "SPELL_API_AUTH_TOKENS")
+
+_JS_INT_RE = re.compile(
+    r"^[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)$"
+    r"|^(?:0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+)$"
+)
+
+
+class CastError(SpellError):
+    """A cast failed; the message is the one the original prints."""
+
+    error_code = "EXECUTION_FAILED"
+
+
+class Interrupted(SpellError):
+    error_code = "INTERRUPTED"
+
+
+def parse_js_integer(raw: str | None, name: str, minimum: int, default):
+    """Parse an integer environment value as JavaScript's ``Number()`` would.
+
+    Unset or blank gives ``default``; ``" 12 "``, ``+5``, ``12.0``, ``1e3`` and
+    ``0x10`` are accepted; anything else, or a value under ``minimum``, raises
+    ``<NAME> must be an integer >= <minimum>``.
+    """
+    if raw is None or not js_trim(raw):
+        return default
+    text = js_trim(raw)
+    message = f"{name} must be an integer >= {minimum}"
+    if not _JS_INT_RE.match(text):
+        raise SpellError(message)
+    try:
+        if text[:2].lower() in ("0x", "0o", "0b"):
+            value = int(text, 0)
+        else:
+            number = float(text)
+            if not number.is_integer():
+                raise SpellError(message)
+            value = int(number)
+    except (ValueError, OverflowError):
+        raise SpellError(message) from None
+    if value < minimum:
+        raise SpellError(message)
+    return value
+
+
+def runtime_limits(env) -> dict:
+    """The SPELL_RUNTIME_* limits, all validated before anything runs."""
+    input_max = parse_js_integer(env.get("SPELL_RUNTIME_INPUT_MAX_BYTES"),
+                                 "SPELL_RUNTIME_INPUT_MAX_BYTES", 1, DEFAULT_INPUT_MAX_BYTES)
+    execution = parse_js_integer(env.get("SPELL_RUNTIME_EXECUTION_TIMEOUT_MS"),
+                                 "SPELL_RUNTIME_EXECUTION_TIMEOUT_MS", 0, 0)
+    step = parse_js_integer(env.get("SPELL_RUNTIME_STEP_TIMEOUT_MS"),
+                            "SPELL_RUNTIME_STEP_TIMEOUT_MS", 1, DEFAULT_STEP_TIMEOUT_MS)
+    return {"input_max_bytes": input_max, "execution_timeout_ms": execution or None,
+            "step_timeout_ms": step}
+
+
+def execution_id_for(spell_id: str, version: str, now: float | None = None) -> str:
+    """A unique execution id in the original's shape (docs/compatibility.md).
+
+    ``<UTC YYYYMMDDTHHMMSS><milliseconds>Z_<id>_<version>_<4 hex>.json``: the
+    milliseconds and the random suffix keep two casts apart even within one
+    millisecond; the log file is also created exclusively.
+    """
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
+    return f"{stamp}_{sanitize(spell_id)}_{sanitize(version)}_{secrets.token_hex(2)}.json"
+
+
+# Input ---------------------------------------------------------------------
+
+
+def _read_input_file(path: str, limit: int):
+    absolute = os.path.abspath(path)
+    try:
+        value = read_json_file(absolute, "--input file",
+                               limit=max(limit * INPUT_FILE_FACTOR, 1024 * 1024))
+    except OSError as exc:
+        raise CastError(node_error(exc, "open", absolute)) from None
+    except ValueError as exc:
+        raise CastError(str(exc)) from None
+    if not isinstance(value, dict):
+        raise CastError("--input must be a JSON object")
+    return dict(value)
+
+
+def _param_value(raw: str):
+    if not js_trim(raw):
+        return ""
+    try:
+        return parse_json_text(js_trim(raw))
+    except (ValueError, RecursionError):
+        return raw
+
+
+def build_input(base: dict, params: list[str]) -> dict:
+    """Merge ``-p key=value`` pairs into ``base`` as the original does.
+
+    Values are JSON-typed when they parse, dotted keys nest, and a missing or
+    non-object intermediate becomes ``{}``.
+    """
+    merged = dict(base)
+    for pair in params:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or not js_trim(key):
+            raise CastError(f"invalid -p argument: {pair}")
+        segments = [part for part in js_trim(key).split(".") if part]
+        if not segments:
+            raise CastError("invalid -p key: empty key")
+        node = merged
+        for part in segments[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            else:
+                child = dict(child)
+                node[part] = child
+            node = child
+        node[segments[-1]] = _param_value(raw)
+    return merged
+
+
+# Schema validation -------------------------------------------------------------
+
+_DRAFT7_IDS = ("http://json-schema.org/draft-07/schema", "https://json-schema.org/draft-07/schema")
+
+
+def _pointer(path) -> str:
+    parts = [str(p).replace("~", "~0").replace("/", "~1") for p in path]
+    return "/" + "/".join(parts) if parts else "/"
+
+
+def _ajv_message(error) -> str:
+    """Word a jsonschema error the way Ajv does (the original's validator)."""
+    kind, value = error.validator, error.validator_value
+    if kind == "required":
+        missing = re.findall(r"'((?:[^'\\]|\\.)*)' is a required property", error.message)
+        return f"must have required property '{missing[0] if missing else value}'"
+    simple = {
+        "additionalProperties": "must NOT have additional properties",
+        "enum": "must be equal to one of the allowed values",
+        "const": "must be equal to constant",
+        "uniqueItems": "must NOT have duplicate items",
+    }
+    if kind in simple:
+        return simple[kind]
+    if kind == "type":
+        return "must be " + (",".join(value) if isinstance(value, list) else str(value))
+    bounds = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+    if kind in bounds:
+        return f"must be {bounds[kind]} {js_number(value)}"
+    counted = {"minLength": ("fewer", "characters"), "maxLength": ("more", "characters"),
+               "minItems": ("fewer", "items"), "maxItems": ("more", "items"),
+               "minProperties": ("fewer", "properties"),
+               "maxProperties": ("more", "properties")}
+    if kind in counted:
+        word, unit = counted[kind]
+        return f"must NOT have {word} than {js_number(value)} {unit}"
+    if kind == "pattern":
+        return f'must match pattern "{value}"'
+    if kind == "multipleOf":
+        return f"must be multiple of {js_number(value)}"
+    return error.message
+
+
+def _schema_validator(schema: dict):
+    jsonschema = require("jsonschema", "jsonschema")
+    referencing = require("referencing", "jsonschema")
+    declared = schema.get("$schema")
+    if isinstance(declared, str) and declared.rstrip("#") in _DRAFT7_IDS:
+        cls = jsonschema.Draft7Validator
+    else:
+        cls = jsonschema.Draft202012Validator
+
+    def refuse(uri: str):
+        # Remote and file: references are never fetched (docs/security.md).
+        raise referencing.exceptions.NoSuchResource(ref=uri)
+
+    try:
+        cls.check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        where = _pointer(exc.absolute_path)
+        raise CastError(f"schema is invalid: data{where if where != '/' else ''} {exc.message}")
+    registry = referencing.Registry(retrieve=refuse)
+    return cls(schema, registry=registry)
+
+
+def _schema_errors(schema: dict, value) -> list[str]:
+    validator = _schema_validator(schema)
+    try:
+        return [f"{_pointer(e.absolute_path)} {_ajv_message(e)}"
+                for e in validator.iter_errors(value)]
+    except Exception as exc:  # unresolvable $ref and friends come from the library
+        if isinstance(exc, SpellError):
+            raise
+        raise CastError(f"schema is invalid: {' '.join(str(exc).split())}") from None
+
+
+def _has_pattern(schema) -> bool:
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "pattern" in item or "patternProperties" in item:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def validate_input(schema, value) -> None:
+    """Validate the merged input; raise ``input does not match schema: ...``.
+
+    Schemas with regular expressions are checked in a forked child that is
+    killed after ``SCHEMA_VALIDATION_TIMEOUT_S``, so a pattern built for
+    catastrophic backtracking cannot hang a cast.
+    """
+    if not isinstance(schema, dict):
+        raise CastError("schema.json must be a JSON object")
+    if _has_pattern(schema) and hasattr(os, "fork"):
+        errors = _run_bounded(lambda: _schema_errors(schema, value),
+                              SCHEMA_VALIDATION_TIMEOUT_S)
+    else:
+        errors = _schema_errors(schema, value)
+    if errors:
+        raise CastError("input does not match schema: " + "; ".join(errors))
+
+
+def _run_bounded(func, timeout_s: float):
+    """Run ``func`` in a forked child; return its JSON result or raise."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_fd)
+        try:
+            payload = {"ok": func()}
+        except SpellError as exc:
+            payload = {"error": exc.message}
+        except BaseException as exc:
+            payload = {"error": f"schema validation failed: {exc}"}
+        data = json.dumps(payload).encode()
+        with os.fdopen(write_fd, "wb") as handle:
+            handle.write(data)
+        os._exit(0)
+    os.close(write_fd)
+    import selectors
+
+    chunks, deadline = [], time.monotonic() + timeout_s
+    with os.fdopen(read_fd, "rb", buffering=0) as handle, \
+            selectors.DefaultSelector() as selector:
+        selector.register(handle, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise CastError(
+                    f"input does not match schema: validation took longer than "
+                    f"{int(timeout_s * 1000)}ms (a pattern may backtrack catastrophically)"
+                )
+            chunk = handle.read(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.waitpid(pid, 0)
+    payload = json.loads(b"".join(chunks) or b'{"error": "schema validation crashed"}')
+    if "error" in payload:
+        raise CastError(payload["error"])
+    return payload["ok"]
+
+
+# Guards --------------------------------------------------------------------
+
+_ARCH_NAMES = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "arm64": "arm64",
+               "armv7l": "arm", "armv6l": "arm", "i386": "ia32", "i686": "ia32",
+               "x86": "ia32", "ppc64le": "ppc64", "s390x": "s390x", "riscv64": "riscv64",
+               "loongarch64": "loong64"}
+
+
+def host_platform() -> str:
+    """``<os>/<arch>`` in Node's names, e.g. ``linux/x64``."""
+    plat = sys.platform
+    if plat.startswith("linux"):
+        name = "linux"
+    elif plat in ("win32", "cygwin"):
+        name = "win32"
+    else:
+        name = re.sub(r"\d+$", "", plat)
+    machine = os.uname().machine if hasattr(os, "uname") else "x64"
+    return f"{name}/{_ARCH_NAMES.get(machine.lower(), machine.lower())}"
+
+
+def _platform_aliases(target: str) -> set[str]:
+    if "/" not in target:
+        return {target}
+    system, arch = target.split("/", 1)
+    normalised = "amd64" if arch == "x64" else arch
+    aliases = {f"{system}/{arch}", f"{system}/{normalised}"}
+    if arch == "amd64":
+        aliases.add(f"{system}/x64")
+    if arch == "x64":
+        aliases.add(f"{system}/amd64")
+    return aliases
+
+
+def check_platform(runtime: dict) -> None:
+    host = host_platform()
+    if runtime["execution"] == "docker":
+        arch = host.split("/", 1)[1]
+        target = "linux/" + ("amd64" if arch == "x64" else arch)
+    else:
+        target = host
+    if not _platform_aliases(target) & set(runtime["platforms"]):
+        raise CastError(
+            f"platform mismatch: host={host}, runtime={runtime['execution']}, "
+            f"target={target}, spell supports={','.join(runtime['platforms'])}"
+        )
+
+
+def connector_env_name(connector: str) -> str:
+    """``git-hub`` → ``CONNECTOR_GIT_HUB_TOKEN`` (full Unicode upper-casing)."""
+    return "CONNECTOR_" + re.sub(r"[^A-Z0-9]", "_", connector.upper()) + "_TOKEN"
+
+
+def check_connector_tokens(permissions: list, env) -> None:
+    for permission in permissions:
+        name = connector_env_name(permission["connector"])
+        if not env.get(name):
+            raise CastError(f"missing connector token {name}")
+
+
+# Summary -------------------------------------------------------------------
+
+
+def execution_summary(manifest: dict) -> str:
+    """The summary block printed before execution, manifest strings escaped."""
+    e = escape_text
+    lines = ["=== Execution Summary ===",
+             f"id@version: {e(manifest['id'])}@{e(manifest['version'])}",
+             f"risk: {manifest['risk']}", "effects:"]
+    lines += [f"  - type={e(x['type'])}, target={e(x['target'])}, "
+              f"mutates={'true' if x['mutates'] else 'false'}"
+              for x in manifest["effects"]] or ["  - none"]
+    lines.append("permissions:")
+    lines += [f"  - connector={e(p['connector'])}, scopes={e(','.join(p['scopes']))}"
+              for p in manifest["permissions"]] or ["  - none"]
+    billing, runtime = manifest["billing"], manifest["runtime"]
+    lines.append(f"billing: enabled={'true' if billing['enabled'] else 'false'}, "
+                 f"mode={e(billing['mode'])}, max_amount={js_number(billing['max_amount'])}, "
+                 f"currency={e(billing['currency'])}")
+    lines.append(f"runtime: execution={runtime['execution']}, "
+                 f"docker_image={e(runtime.get('docker_image', '-'))}")
+    return "\n".join(lines)
+
+
+# Redaction -----------------------------------------------------------------
+
+
+def secret_values(env, input_obj=None) -> list[str]:
+    """Values to mask everywhere: secret env values and secret-keyed inputs.
+
+    Longest first, so a secret that contains another is masked whole.
+    """
+    found = set()
+    for name, value in env.items():
+        if (_SECRET_ENV_RE.search(name) and not name.startswith(_BENIGN_ENV_PREFIXES)
+                and js_trim(value)):
+            found.add(value)
+    stack = [(None, input_obj)] if input_obj is not None else []
+    while stack:
+        key, item = stack.pop()
+        secret_key = key is not None and _SECRET_KEY_RE.search(str(key))
+        if isinstance(item, dict):
+            stack.extend((k if not secret_key else key, v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((key, v) for v in item)
+        elif secret_key and isinstance(item, str) and js_trim(item):
+            found.add(item)
+    return sorted((v for v in found if len(v) >= SECRET_MIN_LENGTH), key=len, reverse=True)
+
+
+def redact_text(text: str, secrets_list: list[str]) -> str:
+    for value in secrets_list:
+        if value in text:
+            text = text.replace(value, REDACTED)
+    text = _BEARER_RE.sub(lambda m: m.group(1) + REDACTED, text)
+    return _TOKEN_LIKE_RE.sub(REDACTED, text)
+
+
+def redact(value, secrets_list: list[str]):
+    """A redacted copy: secret-named keys masked whole, secrets masked in text."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEY_RE.search(str(k)) else redact(v, secrets_list)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, secrets_list) for v in value]
+    if isinstance(value, str):
+        return redact_text(value, secrets_list)
+    return value
+
+
+# The cast ------------------------------------------------------------------
+
+
+def _new_log(execution_id: str, started_at: str, spell_id: str, version: str) -> dict:
+    return {
+        "execution_id": execution_id, "started_at": started_at, "finished_at": started_at,
+        "id": spell_id, "version": version, "input": {},
+        "summary": {"risk": "low",
+                    "billing": {"enabled": False, "mode": "none", "currency": "USD",
+                                "max_amount": 0},
+                    "runtime": {"execution": "host", "platforms": []},
+                    "license": {"licensed": False}},
+        "steps": [], "outputs": {}, "checks": [], "success": False,
+    }
+
+
+def write_log(log: dict, secrets_list: list[str]) -> str:
+    """Write the redacted log under a name no other cast has taken; return its path.
+
+    The file is written beside its final name and hard-linked into place, so
+    it appears whole and never replaces another cast's log.
+    """
+    ensure_store_dirs()
+    logs = store_path("logs")
+    tmp = os.path.join(logs, f".{secrets.token_hex(8)}.tmp")
+    try:
+        while True:
+            data = dump_json(redact(log, secrets_list)).encode("utf-8")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            path = os.path.join(logs, log["execution_id"])
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                # Taken (vanishingly rare with the random suffix): draw another.
+                log["execution_id"] = log["execution_id"][:-9] + f"{secrets.token_hex(2)}.json"
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _cast_options(args) -> dict:
+    return {"id": args.id, "version": args.version, "params": list(args.param or []),
+            "input_file": args.input, "dry_run": args.dry_run, "yes": args.yes,
+            "allow_billing": args.allow_billing,
+            "require_signature": args.require_signature,
+            "allow_unsigned": args.allow_unsigned, "verbose": args.verbose,
+            "profile": args.profile}
+
+
+def cast(opts: dict, io) -> dict:
+    """Cast one spell, as ``spell cast`` does; never raises for cast failures.
+
+    Prints the summary and the ``execution_id:``/``log:`` lines to ``io.stdout``
+    on success and the error line to ``io.stderr`` on failure, always writes
+    the log, and returns ``{ok, execution_id, log_path, error, error_code}``.
+    ``opts`` holds the CLI options by name (``input`` may carry an object
+    instead of ``input_file``).
+    """
+    env = io.env
+    started_at = iso_now()
+    requested_version = opts.get("version")
+    log = _new_log(execution_id_for(opts["id"], requested_version or "latest"), started_at,
+                   opts["id"], requested_version or "latest")
+    secrets_list = secret_values(env)
+    outcome = {"ok": False, "execution_id": None, "log_path": None, "error": None,
+               "error_code": None}
+    restore = _trap_sigterm()
+    try:
+        _cast_pipeline(opts, io, log, env, secrets_list)
+        log["success"] = True
+        log["finished_at"] = iso_now()
+        secrets_list = secret_values(env, log.get("input"))
+        path = write_log(log, secrets_list)
+        outcome.update(ok=True, execution_id=log["execution_id"], log_path=path)
+        io.out(f"execution_id: {log['execution_id']}")
+        io.out(f"log: {path}")
+        return outcome
+    except (SpellError, OSError) as exc:
+        message = exc.message if isinstance(exc, SpellError) else str(exc)
+        code = exc.error_code if isinstance(exc, SpellError) else "EXECUTION_FAILED"
+    except KeyboardInterrupt:
+        message, code = "cast interrupted", "INTERRUPTED"
+    finally:
+        restore()
+    secrets_list = secret_values(env, log.get("input"))
+    log["finished_at"] = iso_now()
+    log["error"] = message
+    outcome.update(error=redact_text(message, secrets_list), error_code=code,
+                   execution_id=log["execution_id"])
+    try:
+        outcome["log_path"] = write_log(log, secrets_list)
+    except OSError as exc:
+        io.warn(f"could not write the execution log: {exc}")
+    io.err(escape_text(outcome["error"]))
+    return outcome
+
+
+def _trap_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt while a cast runs, so steps are stopped."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
+    limits = runtime_limits(env)
+    bundle_dir, manifest = resolve_installed(opts["id"], opts.get("version"))
+    log["execution_id"] = execution_id_for(manifest["id"], manifest["version"])
+    log["id"], log["version"] = manifest["id"], manifest["version"]
+    log["summary"] = {"risk": manifest["risk"], "billing": manifest["billing"],
+                      "runtime": manifest["runtime"], "license": {"licensed": False}}
+
+    publisher = publisher_from_id(manifest["id"])
+    policy = load_policy()
+    reason = policy and evaluate_policy(policy, publisher, manifest["risk"],
+                                        manifest["runtime"]["execution"])
+    if reason:
+        raise PolicyDenied(f"policy denied: {reason}")
+
+    required = not opts.get("allow_unsigned")
+    log["signature"] = {"required": required, "status": "skipped"}
+    if opts.get("input") is not None:
+        base = dict(opts["input"])
+    elif opts.get("input_file"):
+        base = _read_input_file(opts["input_file"], limits["input_max_bytes"])
+    else:
+        base = {}
+    merged = build_input(base, opts.get("params") or [])
+    size = len(spell_runner.dumps_js(merged).encode("utf-8"))
+    if size > limits["input_max_bytes"]:
+        raise CastError(f"merged input is {size} bytes, exceeds "
+                        f"SPELL_RUNTIME_INPUT_MAX_BYTES={limits['input_max_bytes']}")
+    log["input"] = merged
+    validate_input(load_schema(bundle_dir, manifest), merged)
+
+    try:
+        result = verify_bundle(manifest, bundle_dir)
+    except (SpellError, OSError, ValueError) as exc:
+        text = exc.message if isinstance(exc, SpellError) else str(exc)
+        result = {"ok": False, "status": "invalid", "publisher": publisher, "message": text}
+    log["signature"] = signature_log_block(result, required)
+    if required and not result["ok"]:
+        raise SignatureError(f"signature required: {result['message']}")
+
+    check_platform(manifest["runtime"])
+    if manifest["risk"] in ("high", "critical") and not opts.get("yes"):
+        raise CastError(f"risk {manifest['risk']} requires --yes")
+    billing = manifest["billing"]
+    if billing["enabled"]:
+        if not opts.get("allow_billing"):
+            raise CastError("billing enabled requires --allow-billing")
+        name = find_matching_license(billing, time.time())
+        if name is None:
+            raise CastError("billing enabled requires matching entitlement token")
+        log["summary"]["license"] = {"licensed": True, "name": name}
+    check_connector_tokens(manifest["permissions"], env)
+    docker = None
+    if manifest["runtime"]["execution"] == "docker":
+        docker = docker_settings(env, manifest["runtime"]["docker_image"])
+
+    io.out(execution_summary(manifest))
+    if opts.get("dry_run"):
+        return
+    if docker is not None:
+        result = run_in_docker(manifest, bundle_dir, merged, limits, docker, env, io,
+                               verbose=bool(opts.get("verbose")))
+    else:
+        result = _run_on_host(manifest, bundle_dir, merged, limits, env, io,
+                              verbose=bool(opts.get("verbose")))
+    log["steps"] = result.get("stepResults", [])
+    log["outputs"] = result.get("outputs", {})
+    log["checks"] = result.get("checks", [])
+    if not result.get("success"):
+        raise CastError(result.get("error") or "cast failed")
+
+
+def step_environment(env) -> dict:
+    """What a host step sees: the environment minus the API's own credentials."""
+    return {k: v for k, v in env.items() if k not in _PRIVATE_ENV}
+
+
+def _progress_printer(io, secrets_list: list):
+    """``--verbose``: each step's start and end, and its output, on stderr."""
+
+    def on_event(event: dict) -> None:
+        kind = event.get("event")
+        step = escape_text(str(event.get("step", "")))
+        if kind == "step_start":
+            io.err(f"[spell] step {step} ({event.get('uses')}) started")
+        elif kind == "step_end":
+            state = "ok" if event.get("success") else "failed"
+            io.err(f"[spell] step {step} {state} in {event.get('duration_ms')}ms")
+        elif kind == "output":
+            text = redact_text(str(event.get("text", "")), secrets_list)
+            for line in text.splitlines():
+                io.err(f"[{step}:{event.get('stream')}] {escape_text(line)}")
+
+    return on_event
+
+
+def _run_on_host(manifest: dict, bundle_dir: str, merged: dict, limits: dict, env, io,
+                 *, verbose: bool) -> dict:
+    import tempfile
+
+    workdir = tempfile.mkdtemp(prefix="spell-input-")  # 0700
+    try:
+        input_path = os.path.join(workdir, "input.json")
+        fd = os.open(input_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(spell_runner.dumps_js(merged).encode("utf-8"))
+        plan = {"bundle_dir": bundle_dir, "steps": manifest["steps"],
+                "checks": manifest["checks"], "input": merged, "input_path": input_path,
+                "env": step_environment(env), "step_timeout_ms": limits["step_timeout_ms"],
+                "execution_timeout_ms": limits["execution_timeout_ms"]}
+        on_event = _progress_printer(io, secret_values(env, merged)) if verbose else None
+        if verbose:
+            io.err(f"[spell] starting host execution of {escape_text(manifest['id'])}")
+        return spell_runner.run_plan(plan, on_event=on_event)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
 
 def cmd_cast(args, io) -> int:
-    raise SpellError("cast: not implemented yet")
+    return 0 if cast(_cast_options(args), io)["ok"] else 1
+
+
+# Docker ######################################################################
+
+#: Where the read-only bundle, the runner's input and the working copy live.
+CONTAINER_BUNDLE = "/spell"
+CONTAINER_INPUT_DIR = "/tmp/spell-input"
+CONTAINER_WORKDIR = "/spell-work"
+#: The working copy's tmpfs allows exec (steps run from it); /tmp stays noexec.
+#: It is owned by the container user (docker ignores a tmpfs ``mode=``).
+WORKDIR_TMPFS = "rw,exec,nosuid,nodev,size=64m"
+TMP_TMPFS = "rw,noexec,nosuid,size=64m"
+DEFAULT_DOCKER_USER = "65532:65532"
+DEFAULT_PIDS_LIMIT = 256
+#: After the execution deadline the runner reports itself; the container is
+#: killed if it has not finished this much later.
+DOCKER_KILL_GRACE_S = 1.0
+#: Bound for the small docker commands (kill, rm) that clean up.
+DOCKER_CLEANUP_TIMEOUT_S = 20
+#: The runner prints one JSON line of capped outputs; more is not read.
+DOCKER_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
+_MEMORY_RE = re.compile(r"^\d+[bkmg]?$", re.IGNORECASE)
+_IMAGE_BAD_RE = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+class DockerError(CastError):
+    error_code = "DOCKER_FAILED"
+
+
+def docker_settings(env, image: str) -> dict:
+    """Validate the SPELL_DOCKER_* overrides and the image, before the summary.
+
+    Order and messages are the original's: network, user, read-only, pids,
+    memory, cpus.
+    """
+    if image.startswith("-") or _IMAGE_BAD_RE.search(image):
+        raise DockerError(f"invalid docker image name: {image}")
+    network = js_trim(env.get("SPELL_DOCKER_NETWORK", "")) or "none"
+    if network not in ("none", "bridge", "host"):
+        raise DockerError("SPELL_DOCKER_NETWORK must be one of: none, bridge, host")
+    raw_user = env.get("SPELL_DOCKER_USER")
+    user = DEFAULT_DOCKER_USER if raw_user is None else js_trim(raw_user)
+    if re.search(r"\s", user):
+        raise DockerError("SPELL_DOCKER_USER must not contain whitespace")
+    read_only = js_trim(env.get("SPELL_DOCKER_READ_ONLY", "")) or "1"
+    if read_only not in ("0", "1"):
+        raise DockerError("SPELL_DOCKER_READ_ONLY must be '1' or '0'")
+    pids = parse_js_integer(env.get("SPELL_DOCKER_PIDS_LIMIT"), "SPELL_DOCKER_PIDS_LIMIT",
+                            0, DEFAULT_PIDS_LIMIT)
+    memory = js_trim(env.get("SPELL_DOCKER_MEMORY", ""))
+    if memory and not _MEMORY_RE.match(memory):
+        raise DockerError("SPELL_DOCKER_MEMORY must be a positive integer optionally "
+                          "suffixed with b, k, m, or g")
+    cpus = js_trim(env.get("SPELL_DOCKER_CPUS", ""))
+    if cpus:
+        try:
+            value = float(cpus)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 and value != float("inf")):
+            raise DockerError("SPELL_DOCKER_CPUS must be a number > 0")
+    return {"image": image, "network": network, "user": user, "read_only": read_only == "1",
+            "pids_limit": pids, "memory": memory, "cpus": cpus}
+
+
+def _tmpfs_owner(user: str) -> str:
+    """``,uid=U,gid=G`` for a numeric ``--user``, so that user can write the copy."""
+    match = re.match(r"^(\d+)(?::(\d+))?$", user)
+    if not match:
+        return ""  # the image's default user (or a named one) owns nothing special
+    uid, gid = match.group(1), match.group(2) or match.group(1)
+    return f",uid={uid},gid={gid}"
+
+
+def docker_run_args(settings: dict, bundle_dir: str, share_dir: str, name: str,
+                    passed_env: list[str], *, events: bool) -> list[str]:
+    """The ``docker run`` argument list; environment values never appear in it."""
+    for path in (bundle_dir, share_dir):
+        if "," in path or ":" in path:
+            raise DockerError(f"cannot mount a path holding ',' or ':': {path}")
+    args = ["run", "--rm", "--pull", "never", "--name", name,
+            "--network", settings["network"], "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges",
+            "--tmpfs", f"/tmp:{TMP_TMPFS}",
+            "--tmpfs", f"{CONTAINER_WORKDIR}:{WORKDIR_TMPFS}{_tmpfs_owner(settings['user'])}",
+            "--workdir", CONTAINER_BUNDLE,
+            "-v", f"{bundle_dir}:{CONTAINER_BUNDLE}:ro",
+            "-v", f"{share_dir}:{CONTAINER_INPUT_DIR}:ro",
+            "-e", f"INPUT_JSON={CONTAINER_INPUT_DIR}/input.json"]
+    if settings["read_only"]:
+        args.append("--read-only")
+    if settings["user"]:
+        args += ["--user", settings["user"]]
+    if settings["pids_limit"]:
+        args += ["--pids-limit", str(settings["pids_limit"])]
+    if settings["memory"]:
+        args += ["--memory", settings["memory"]]
+    if settings["cpus"]:
+        args += ["--cpus", settings["cpus"]]
+    for variable in passed_env:
+        args += ["-e", variable]  # the value comes from the client's environment
+    args += ["--", settings["image"], "spell-runner", "--plan",
+             f"{CONTAINER_INPUT_DIR}/plan.json"]
+    if events:
+        args.append("--events")
+    return args
+
+
+def _passed_environment(manifest: dict, env) -> dict:
+    """Connector tokens and the step timeout: all the container sees of the host."""
+    passed = {}
+    for permission in manifest["permissions"]:
+        name = connector_env_name(permission["connector"])
+        value = env.get(name)
+        if value is not None and js_trim(value):
+            passed[name] = value
+    step_timeout = env.get("SPELL_RUNTIME_STEP_TIMEOUT_MS")
+    if step_timeout is not None and js_trim(step_timeout):
+        passed["SPELL_RUNTIME_STEP_TIMEOUT_MS"] = js_trim(step_timeout)
+    return passed
+
+
+def _docker_failure(stderr: str, code: int, image: str) -> DockerError:
+    """Word a failure of docker itself (not of the spell) for the user."""
+    text = " ".join(stderr.split())
+    lowered = text.lower()
+    if "cannot connect to the docker daemon" in lowered or "error during connect" in lowered \
+            or "is the docker daemon running" in lowered:
+        return DockerError(f"docker daemon is not reachable: {text}")
+    if "no such image" in lowered or "unable to find image" in lowered \
+            or "pull access denied" in lowered:
+        return DockerError(f"docker image not found: {image} (build it locally; "
+                           f"see docs/docker.md)")
+    if code in (126, 127) or "executable file not found" in lowered:
+        return DockerError(f"docker image {image} cannot run spell-runner "
+                           f"(put spell_runner.pyz on its PATH; see docs/docker.md): {text}")
+    return DockerError(text or f"docker exited with code {code}")
+
+
+def _docker_cleanup(name: str, client_env: dict) -> None:
+    for command in (["kill", name], ["rm", "-f", name]):
+        try:
+            subprocess.run(["docker", *command], env=client_env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=DOCKER_CLEANUP_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
+                  settings: dict, env, io, *, verbose: bool) -> dict:
+    """Run the steps in a hardened container through ``spell-runner``.
+
+    The runner gets a plan (validated manifest parts, input, limits) as JSON
+    readable by any uid, copies the steps to an exec-capable tmpfs and prints
+    one JSON result, which is read whatever its exit code.  The container has
+    a unique name and is killed on timeout or interruption.
+    """
+    import tempfile
+    import threading
+
+    timeout_ms = limits["execution_timeout_ms"]
+    started = time.monotonic()
+    passed = _passed_environment(manifest, env)
+    client_env = dict(step_environment(env), **passed)
+    workdir = tempfile.mkdtemp(prefix="spell-docker-")  # 0700: other users stay out
+    name = f"spell-{secrets.token_hex(8)}"
+    proc = None
+    try:
+        share = os.path.join(workdir, "share")
+        os.mkdir(share, 0o755)
+        os.chmod(share, 0o755)  # the container's uid must read it
+        plan = {"bundle_dir": CONTAINER_BUNDLE, "workdir_copy_to": CONTAINER_WORKDIR,
+                "steps": manifest["steps"], "checks": manifest["checks"], "input": merged,
+                "input_path": f"{CONTAINER_INPUT_DIR}/input.json", "env": {},
+                "step_timeout_ms": limits["step_timeout_ms"],
+                "execution_timeout_ms": timeout_ms}
+        for filename, value in (("input.json", merged), ("plan.json", plan)):
+            write_atomic(os.path.join(share, filename), spell_runner.dumps_js(value), 0o644)
+        args = docker_run_args(settings, bundle_dir, share, name, sorted(passed),
+                               events=verbose)
+        on_event = _progress_printer(io, secret_values(env, merged)) if verbose else None
+        if verbose:
+            io.err(f"[spell] starting docker execution in {escape_text(settings['image'])}")
+        try:
+            proc = subprocess.Popen(["docker", *args], env=client_env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise DockerError("docker not found: install docker and ensure it is on PATH") \
+                from None
+        stderr_lines: list[str] = []
+
+        def pump_stderr():
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if on_event and line.startswith("{"):
+                    try:
+                        on_event(json.loads(line))
+                        continue
+                    except ValueError:
+                        pass
+                if len(stderr_lines) < 200:
+                    stderr_lines.append(line)
+
+        reader = threading.Thread(target=pump_stderr, daemon=True)
+        reader.start()
+        limit = None if timeout_ms is None else timeout_ms / 1000 + DOCKER_KILL_GRACE_S
+        timer_fired = threading.Event()
+        timer = None
+        if limit is not None:
+            def expire():
+                timer_fired.set()
+                _docker_cleanup(name, client_env)
+
+            timer = threading.Timer(max(0.0, limit - (time.monotonic() - started)), expire)
+            timer.daemon = True
+            timer.start()
+        try:
+            stdout = _read_capped(proc.stdout, DOCKER_OUTPUT_MAX_BYTES)
+            code = proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+        reader.join(timeout=5)
+        if timer_fired.is_set():
+            raise CastError(f"cast execution timed out after {timeout_ms}ms")
+        return _docker_result(stdout, code, "\n".join(stderr_lines), settings["image"])
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            _docker_cleanup(name, client_env)
+        raise
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            _docker_cleanup(name, client_env)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_capped(stream, limit: int) -> bytes:
+    """Read a stream to its end, keeping at most ``limit`` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        if size < limit:
+            chunks.append(chunk[: limit - size])
+            size += len(chunks[-1])
+
+
+def _docker_result(stdout: bytes, code: int, stderr: str, image: str) -> dict:
+    text = stdout.decode("utf-8", "replace").strip()
+    if not text:
+        if code != 0:
+            raise _docker_failure(stderr, code, image)
+        raise DockerError("docker runner produced no output")
+    try:
+        result = parse_json_text(text)
+    except (ValueError, RecursionError):
+        if code != 0:
+            raise _docker_failure(stderr, code, image)
+        raise DockerError("failed to parse docker runner output JSON") from None
+    if not isinstance(result, dict):
+        raise DockerError("docker runner output must be a JSON object")
+    normalised = {
+        "success": bool(result.get("success")),
+        "stepResults": result.get("stepResults") if isinstance(result.get("stepResults"), list)
+        else [],
+        "outputs": result.get("outputs") if isinstance(result.get("outputs"), dict) else {},
+        "checks": result.get("checks") if isinstance(result.get("checks"), list) else [],
+    }
+    if not normalised["success"]:
+        error = result.get("error")
+        normalised["error"] = error if isinstance(error, str) and error else "docker spell failed"
+    return normalised
 
 
 # Execution API ###############################################################
