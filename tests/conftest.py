@@ -24,11 +24,23 @@ Fixtures
     ``pyz_path=pyz.runner`` to run the runner instead.
 ``fixtures_dir``
     ``Path`` of ``fixtures/spells`` (the shared fixture bundles).
+``make_bundle``
+    ``make_bundle(manifest=None, *, yaml_text=None, files=None, dirname=None,
+    **fields) -> Path``: writes a valid source bundle under ``tmp_path`` (a
+    host bundle ``test/demo@1.0.0`` with ``schema.json`` and one executable
+    shell step ``steps/run.sh``) and returns its folder.  ``fields`` replace
+    top-level manifest keys; ``manifest`` replaces the whole manifest (dumped
+    as YAML); ``yaml_text`` is written verbatim instead; ``files`` maps
+    relative paths to ``str``/``bytes`` contents to add, or to ``None`` to
+    delete.  ``make_bundle.manifest()`` returns a fresh copy of the base
+    manifest to edit.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import itertools
 import os
 import subprocess
 import sys
@@ -100,3 +112,64 @@ def run_pyz(store, pyz):
 @pytest.fixture
 def fixtures_dir() -> Path:
     return REPO_ROOT / "fixtures" / "spells"
+
+
+BASE_MANIFEST = {
+    "id": "test/demo",
+    "version": "1.0.0",
+    "name": "Demo",
+    "summary": "A demo bundle",
+    "inputs_schema": "./schema.json",
+    "risk": "low",
+    "permissions": [],
+    "effects": [{"type": "notify", "target": "stdout", "mutates": False}],
+    "billing": {"enabled": False, "mode": "none", "currency": "USD", "max_amount": 0},
+    "runtime": {"execution": "host", "platforms": ["linux/amd64", "linux/arm64"]},
+    "steps": [{"uses": "shell", "name": "run", "run": "steps/run.sh"}],
+    "checks": [{"type": "exit_code"}],
+}
+BASE_SCHEMA = (
+    '{"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", '
+    '"properties": {"name": {"type": "string"}}, "additionalProperties": true}\n'
+)
+
+
+@pytest.fixture
+def make_bundle(tmp_path):
+    import yaml
+
+    counter = itertools.count(1)
+
+    def make(manifest=None, *, yaml_text=None, files=None, dirname=None, **fields):
+        root = tmp_path / "bundles" / (dirname or f"bundle{next(counter)}")
+        (root / "steps").mkdir(parents=True)
+        (root / "schema.json").write_text(BASE_SCHEMA)
+        step = root / "steps" / "run.sh"
+        step.write_text("#!/bin/sh\necho ok\n")
+        step.chmod(0o755)
+        if yaml_text is None:
+            data = copy.deepcopy(BASE_MANIFEST if manifest is None else manifest)
+            data.update(fields)
+            yaml_text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        target = root / "spell.yaml"
+        if isinstance(yaml_text, bytes):
+            target.write_bytes(yaml_text)
+        else:
+            target.write_text(yaml_text, encoding="utf-8")
+        for rel, content in (files or {}).items():
+            path = root / rel
+            if content is None:
+                path.unlink()
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content, encoding="utf-8")
+        return root
+
+    def manifest():
+        return copy.deepcopy(BASE_MANIFEST)
+
+    make.manifest = manifest
+    return make
