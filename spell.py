@@ -206,8 +206,8 @@ def escape_text(text: str) -> str:
 
 
 def js_number(value) -> str:
-    """A number as JavaScript prints it (``10`` not ``10.0``, ``1e+21``)."""
-    return spell_runner.dumps_js(value)
+    """A number as JavaScript prints it (``10`` not ``10.0``, ``1e+21``, ``Infinity``)."""
+    return spell_runner.js_string(value)
 
 
 def dump_json(value) -> str:
@@ -260,7 +260,10 @@ def parse_json_text(text: str):
     def reject_constant(name: str):
         raise ValueError(f"Unexpected token {name} in JSON")
 
-    value = json.loads(text, parse_constant=reject_constant)
+    try:
+        value = json.loads(text, parse_constant=reject_constant)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels") from None
     _check_depth(value, JSON_MAX_DEPTH)
     return value
 
@@ -427,18 +430,111 @@ class YamlTimestamp(str):
 
 _yaml_loader = None
 
+#: Plain scalars that YAML 1.2 core (plus timestamps and merge keys, as in the
+#: original's YAML library) reads as something other than a string.  The int
+#: and float forms follow that library: a sign may precede 0b/0o/0x, "_" may
+#: separate digits but never ends a number or follows a leading 0.
+_YAML_IMPLICIT = (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    (
+        "int",
+        r"^[-+]?(?:0b[01_]*[01]|0x[0-9a-fA-F_]*[0-9a-fA-F]|0o[0-7_]*[0-7]"
+        r"|0|0[0-9](?:[0-9_]*[0-9])?|[1-9](?:[0-9_]*[0-9])?)$",
+        "-+0123456789",
+    ),
+    (
+        "float",
+        r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))(?<!_)$",
+        "-+0123456789.",
+    ),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    (
+        "timestamp",
+        r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}"
+        r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt]|[ \t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}"
+        r"(?:\.[0-9]*)?(?:[ \t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?)$",
+        "0123456789",
+    ),
+    ("merge", r"^<<$", "<"),
+)
+_YAML_TIMESTAMP_RE = re.compile(
+    r"^([0-9]{4})-([0-9]{1,2})-([0-9]{1,2})"
+    r"(?:(?:[Tt]|[ \t]+)([0-9]{1,2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]*))?"
+    r"(?:[ \t]*(Z|([-+])([0-9]{1,2})(?::([0-9]{2}))?))?)?$"
+)
+#: Integers beyond this lose precision in JavaScript; the original sees floats.
+_JS_SAFE_INTEGER = 2**53
+
+
+def _yaml_int(text: str):
+    """A YAML integer as the original reads it (a float past 2**53)."""
+    text = text.replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    text = text.lstrip("+-")
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(text[:2], 10)
+    value = sign * int(text[2:] if base != 10 else text, base)
+    if abs(value) <= _JS_SAFE_INTEGER:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        return sign * float("inf")
+
+
+def _yaml_float(text: str) -> float:
+    text = text.replace("_", "").lower()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    if text == ".inf":
+        return sign * float("inf")
+    if text == ".nan":
+        return float("nan")
+    return sign * float(text)
+
+
+def _yaml_timestamp(text: str) -> YamlTimestamp:
+    """A timestamp as the original's ISO string; out-of-range parts roll over.
+
+    The original builds dates with JavaScript's ``Date.UTC``, which carries an
+    overflowing month, day or hour into the next unit and reads years 0-99 as
+    1900-1999; this does the same.
+    """
+    import datetime as dt
+
+    m = _YAML_TIMESTAMP_RE.match(text)
+    if m is None:
+        raise ValueError(f"invalid timestamp: {text}")
+    year, month, day = int(m[1]), int(m[2]) - 1, int(m[3])
+    if year < 100:
+        year += 1900
+    hour, minute, second = (int(m[i]) if m[i] else 0 for i in (4, 5, 6))
+    millis = int((m[7] or "")[:3].ljust(3, "0"))
+    offset = 0
+    if m[9]:
+        offset = (int(m[10]) * 60 + int(m[11] or 0)) * (1 if m[9] == "+" else -1)
+    year += month // 12
+    value = dt.datetime(year, month % 12 + 1, 1) + dt.timedelta(
+        days=day - 1, hours=hour, minutes=minute - offset, seconds=second,
+        milliseconds=millis,
+    )
+    return YamlTimestamp(value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis:03d}Z")
+
 
 def _yaml_loader_class():
-    """A PyYAML loader with the original's YAML 1.2 core semantics.
+    """A PyYAML loader with the original's YAML semantics (YAML 1.2 core).
 
     Only ``true``/``false`` (three casings) are booleans, ``010`` is decimal,
-    ``0o``/``0x``/``0b`` prefixes work, timestamps are recognised and duplicate
-    keys are an error.  Depth, alias uses and expanded size are bounded.
+    ``0o``/``0x``/``0b`` prefixes work, timestamps and merge keys are
+    recognised, mapping keys become strings as in JavaScript, and a duplicate
+    key is an error.  Nesting depth and alias uses are bounded.
     """
     global _yaml_loader  # a cache of an immutable class, built once
     if _yaml_loader is not None:
         return _yaml_loader
     yaml = require("yaml", "PyYAML")
+    ConstructorError = yaml.constructor.ConstructorError
 
     class Loader(yaml.SafeLoader):
         def __init__(self, stream):
@@ -459,82 +555,114 @@ def _yaml_loader_class():
             finally:
                 self._depth -= 1
 
+        def _js_key(self, key, mark) -> str:
+            if isinstance(key, list) and any(isinstance(k, list) for k in key):
+                raise ConstructorError(
+                    None, None, "nested arrays are not supported inside keys", mark
+                )
+            if isinstance(key, list):
+                key = [k if not isinstance(k, dict) else "[object Object]" for k in key]
+            return spell_runner.js_string(key)
+
         def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
+            if not isinstance(node, yaml.MappingNode):
+                raise ConstructorError(
+                    None, None, f"expected a mapping node, but found {node.id}",
+                    node.start_mark,
+                )
+            result: dict = {}
+            # Keys copied in by "<<" may be overridden once; others never twice.
+            overridable: set = set()
+            for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
+                    source = self.construct_object(value_node, deep=True)
+                    sources = source if isinstance(source, list) else [source]
+                    for item in sources:
+                        if not isinstance(item, dict):
+                            raise ConstructorError(
+                                None, None,
+                                "cannot merge mappings; the provided source object "
+                                "is unacceptable", value_node.start_mark,
+                            )
+                        for key, value in item.items():
+                            if key not in result:
+                                result[key] = value
+                                overridable.add(key)
                     continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                except TypeError:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, "unhashable mapping key", key_node.start_mark
-                    ) from None
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicated mapping key '{key}'", key_node.start_mark
+                key_obj = self.construct_object(key_node, deep=True)
+                key = self._js_key(key_obj, key_node.start_mark)
+                if key in result and key not in overridable:
+                    raise ConstructorError(
+                        None, None, f"duplicated mapping key '{key}'",
+                        key_node.start_mark,
                     )
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
+                overridable.discard(key)
+                result[key] = self.construct_object(value_node, deep=deep)
+            return result
+
+    def construct_set(loader, node):
+        data: dict = {}
+        yield data
+        data.update(dict.fromkeys(loader.construct_mapping(node)))
+
+    def construct_pairs(loader, node):
+        data: list = []
+        yield data
+        for key_node, value_node in _pair_nodes(loader, node):
+            data.append([loader._js_key(loader.construct_object(key_node, deep=True),
+                                        key_node.start_mark),
+                         loader.construct_object(value_node, deep=True)])
+
+    def construct_ordered(loader, node):
+        data: list = []
+        yield data
+        seen = set()
+        for key_node, value_node in _pair_nodes(loader, node):
+            key = loader._js_key(loader.construct_object(key_node, deep=True),
+                                 key_node.start_mark)
+            if key in seen:
+                raise ConstructorError(None, None, f"duplicated mapping key '{key}'",
+                                       key_node.start_mark)
+            seen.add(key)
+            data.append({key: loader.construct_object(value_node, deep=True)})
+
+    def _pair_nodes(loader, node):
+        if not isinstance(node, yaml.SequenceNode):
+            raise ConstructorError(None, None, "expected a sequence of pairs",
+                                   node.start_mark)
+        for item in node.value:
+            if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
+                raise ConstructorError(None, None,
+                                       "expected a single mapping item per pair",
+                                       item.start_mark)
+            yield item.value[0]
+
+    def construct_binary(loader, node):
+        # JavaScript serialises the original's byte array as {"0": b0, ...}.
+        data = yaml.SafeLoader.construct_yaml_binary(loader, node)
+        return {str(i): b for i, b in enumerate(data)}
 
     Loader.yaml_implicit_resolvers = {}
-    resolvers = [
-        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-        (
-            "int",
-            r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$",
-            "-+0123456789",
-        ),
-        (
-            "float",
-            r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?"
-            r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
-            "-+0123456789.",
-        ),
-        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-        (
-            "timestamp",
-            r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}"
-            r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt]|[ \t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}"
-            r"(?:\.[0-9]*)?(?:[ \t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?)$",
-            "0123456789",
-        ),
-    ]
-    for name, pattern, first in resolvers:
-        Loader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", re.compile(pattern), first)
+    for name, pattern, first in _YAML_IMPLICIT:
+        Loader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", re.compile(pattern),
+                                     first)
+    def construct_scalar_with(convert):
+        def construct(loader, node):
+            return convert(loader.construct_scalar(node))
 
-    def construct_int(loader, node):
-        text = loader.construct_scalar(node).replace("_", "")
-        sign = -1 if text.startswith("-") else 1
-        text = text.lstrip("+-")
-        for prefix, base in (("0o", 8), ("0x", 16), ("0b", 2)):
-            if text.startswith(prefix):
-                return sign * int(text[2:], base)
-        return sign * int(text, 10)
+        return construct
 
-    def construct_float(loader, node):
-        text = loader.construct_scalar(node).replace("_", "").lower()
-        if text.endswith(".inf"):
-            return float("-inf") if text.startswith("-") else float("inf")
-        if text == ".nan":
-            return float("nan")
-        return float(text)
-
-    def construct_timestamp(loader, node):
-        value = yaml.SafeLoader.construct_yaml_timestamp(loader, node)
-        import datetime as _dt
-
-        if not isinstance(value, _dt.datetime):
-            value = _dt.datetime(value.year, value.month, value.day)
-        if value.tzinfo is not None:
-            value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-        return YamlTimestamp(value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z")
-
-    Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
-    Loader.add_constructor("tag:yaml.org,2002:float", construct_float)
-    Loader.add_constructor("tag:yaml.org,2002:timestamp", construct_timestamp)
+    constructors = {
+        "int": construct_scalar_with(_yaml_int),
+        "float": construct_scalar_with(_yaml_float),
+        "timestamp": construct_scalar_with(_yaml_timestamp),
+        "set": construct_set,
+        "omap": construct_ordered,
+        "pairs": construct_pairs,
+        "binary": construct_binary,
+    }
+    for name, func in constructors.items():
+        Loader.add_constructor(f"tag:yaml.org,2002:{name}", func)
     _yaml_loader = Loader
     return Loader
 
@@ -573,8 +701,10 @@ def parse_manifest_yaml(data: bytes):
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    loader = _yaml_loader_class()(text)
+    loader_class = _yaml_loader_class()
     try:
+        # The reader checks characters as it starts, so it is inside the try.
+        loader = loader_class(text)
         try:
             value = loader.get_single_data()
         finally:
@@ -1092,6 +1222,8 @@ def installed_bundles(warn=None) -> list[tuple[str, dict]]:
             path = os.path.join(entry.path, version)
             try:
                 manifest = load_manifest(path)
+            except MissingDependency:
+                raise
             except SpellError as exc:
                 if warn:
                     warn(f"skipping {path}: {exc.message}")
