@@ -1326,6 +1326,8 @@ _PRIVATE_ENV = ("SPELL_API_AUTH_KEYS", "SPELL_API_AUTH_TOKENS")
 _JS_INT_RE = re.compile(
     r"^[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)$"
     r"|^(?:0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+)$"
+,
+    re.ASCII,  # JavaScript's Number() knows no other digits than 0-9
 )
 
 
@@ -2020,7 +2022,10 @@ DOCKER_KILL_GRACE_S = 1.0
 DOCKER_CLEANUP_TIMEOUT_S = 20
 #: The runner prints one JSON line of capped outputs; more is not read.
 DOCKER_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
-_MEMORY_RE = re.compile(r"^\d+[bkmg]?$", re.IGNORECASE)
+_MEMORY_RE = re.compile(r"^[0-9]+[bkmg]?$", re.IGNORECASE)
+#: A decimal number as JavaScript's Number() reads it (hex and friends are
+#: refused: docker could not read them either).
+_DECIMAL_RE = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 _IMAGE_BAD_RE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -2054,10 +2059,8 @@ def docker_settings(env, image: str) -> dict:
                           "suffixed with b, k, m, or g")
     cpus = js_trim(env.get("SPELL_DOCKER_CPUS", ""))
     if cpus:
-        try:
-            value = float(cpus)
-        except ValueError:
-            value = float("nan")
+        # float() alone would take "1_5", "nan" or other scripts' digits.
+        value = float(cpus) if _DECIMAL_RE.match(cpus) else float("nan")
         if not (value > 0 and value != float("inf")):
             raise DockerError("SPELL_DOCKER_CPUS must be a number > 0")
     return {"image": image, "network": network, "user": user, "read_only": read_only == "1",
@@ -2066,7 +2069,7 @@ def docker_settings(env, image: str) -> dict:
 
 def _tmpfs_owner(user: str) -> str:
     """``,uid=U,gid=G`` for a numeric ``--user``, so that user can write the copy."""
-    match = re.match(r"^(\d+)(?::(\d+))?$", user)
+    match = re.match(r"^([0-9]+)(?::([0-9]+))?$", user)
     if not match:
         return ""  # the image's default user (or a named one) owns nothing special
     uid, gid = match.group(1), match.group(2) or match.group(1)
