@@ -1325,8 +1325,7 @@ _PRIVATE_ENV = ("SPELL_API_AUTH_KEYS", "SPELL_API_AUTH_TOKENS")
 
 _JS_INT_RE = re.compile(
     r"^[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)$"
-    r"|^(?:0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+)$"
-,
+    r"|^(?:0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+)$",
     re.ASCII,  # JavaScript's Number() knows no other digits than 0-9
 )
 
