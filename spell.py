@@ -2735,7 +2735,8 @@ _PRIVATE_ENV = ("SPELL_API_AUTH_KEYS", "SPELL_API_AUTH_TOKENS")
 
 _JS_INT_RE = re.compile(
     r"^[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)$"
-    r"|^(?:0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+)$"
+    r"|^(?:0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+)$",
+    re.ASCII,  # JavaScript's Number() knows no other digits than 0-9
 )
 
 
@@ -2865,37 +2866,72 @@ def _pointer(path) -> str:
     return "/" + "/".join(parts) if parts else "/"
 
 
-def _ajv_message(error) -> str:
-    """Word a jsonschema error the way Ajv does (the original's validator)."""
-    kind, value = error.validator, error.validator_value
-    if kind == "required":
-        missing = re.findall(r"'((?:[^'\\]|\\.)*)' is a required property", error.message)
-        return f"must have required property '{missing[0] if missing else value}'"
+def _ajv_messages(error) -> list[str]:
+    """Word a jsonschema error the way Ajv does (the original's validator).
+
+    A list, because Ajv reports some failures once per offending member (one
+    ``must NOT have additional properties`` per extra key) where jsonschema
+    reports one error.
+    """
+    kind, value, parent = error.validator, error.validator_value, error.schema
+    if kind == "required" and isinstance(value, list):
+        # jsonschema words it "<repr(name)> is a required property", one per name.
+        missing = [n for n in value if error.message == f"{n!r} is a required property"]
+        return [f"must have required property '{missing[0] if missing else value}'"]
+    if kind == "additionalProperties":
+        return ["must NOT have additional properties"] * max(1, _count_additional(error))
+    if kind in ("dependencies", "dependentRequired") and isinstance(value, dict):
+        for prop, deps in value.items():
+            if isinstance(deps, list) and error.message.endswith(f" is a dependency of {prop!r}"):
+                noun = "property" if len(deps) == 1 else "properties"
+                return [f"must have {noun} {', '.join(map(str, deps))} when property "
+                        f"{prop} is present"]
+    if kind in ("additionalItems", "items") and value is False and isinstance(parent, dict):
+        tuple_items = parent.get("items" if kind == "additionalItems" else "prefixItems")
+        limit = len(tuple_items) if isinstance(tuple_items, list) else 0
+        return [f"must NOT have more than {limit} items"]
     simple = {
-        "additionalProperties": "must NOT have additional properties",
         "enum": "must be equal to one of the allowed values",
         "const": "must be equal to constant",
         "uniqueItems": "must NOT have duplicate items",
+        "anyOf": "must match a schema in anyOf",
+        "oneOf": "must match exactly one schema in oneOf",
+        "not": "must NOT be valid",
+        "unevaluatedProperties": "must NOT have unevaluated properties",
+        "contains": "must contain at least 1 valid item(s)",
+        None: "boolean schema is false",
     }
     if kind in simple:
-        return simple[kind]
+        return [simple[kind]]
     if kind == "type":
-        return "must be " + (",".join(value) if isinstance(value, list) else str(value))
+        return ["must be " + (",".join(value) if isinstance(value, list) else str(value))]
     bounds = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
     if kind in bounds:
-        return f"must be {bounds[kind]} {js_number(value)}"
+        return [f"must be {bounds[kind]} {js_number(value)}"]
     counted = {"minLength": ("fewer", "characters"), "maxLength": ("more", "characters"),
                "minItems": ("fewer", "items"), "maxItems": ("more", "items"),
                "minProperties": ("fewer", "properties"),
                "maxProperties": ("more", "properties")}
     if kind in counted:
         word, unit = counted[kind]
-        return f"must NOT have {word} than {js_number(value)} {unit}"
+        return [f"must NOT have {word} than {js_number(value)} {unit}"]
     if kind == "pattern":
-        return f'must match pattern "{value}"'
+        return [f'must match pattern "{value}"']
     if kind == "multipleOf":
-        return f"must be multiple of {js_number(value)}"
-    return error.message
+        return [f"must be multiple of {js_number(value)}"]
+    return [error.message]
+
+
+def _count_additional(error) -> int:
+    """How many keys an ``additionalProperties: false`` error is about."""
+    instance, parent = error.instance, error.schema
+    if not isinstance(instance, dict) or not isinstance(parent, dict):
+        return 1
+    properties = parent.get("properties") if isinstance(parent.get("properties"), dict) else {}
+    patterns = parent.get("patternProperties")
+    patterns = list(patterns) if isinstance(patterns, dict) else []
+    return sum(1 for key in instance
+               if key not in properties and not any(re.search(p, key) for p in patterns))
 
 
 def _schema_validator(schema: dict):
@@ -2923,8 +2959,8 @@ def _schema_validator(schema: dict):
 def _schema_errors(schema: dict, value) -> list[str]:
     validator = _schema_validator(schema)
     try:
-        return [f"{_pointer(e.absolute_path)} {_ajv_message(e)}"
-                for e in validator.iter_errors(value)]
+        return [f"{_pointer(e.absolute_path)} {message}"
+                for e in validator.iter_errors(value) for message in _ajv_messages(e)]
     except Exception as exc:  # unresolvable $ref and friends come from the library
         if isinstance(exc, SpellError):
             raise
@@ -3395,7 +3431,10 @@ DOCKER_KILL_GRACE_S = 1.0
 DOCKER_CLEANUP_TIMEOUT_S = 20
 #: The runner prints one JSON line of capped outputs; more is not read.
 DOCKER_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
-_MEMORY_RE = re.compile(r"^\d+[bkmg]?$", re.IGNORECASE)
+_MEMORY_RE = re.compile(r"^[0-9]+[bkmg]?$", re.IGNORECASE)
+#: A decimal number as JavaScript's Number() reads it (hex and friends are
+#: refused: docker could not read them either).
+_DECIMAL_RE = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 _IMAGE_BAD_RE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -3429,10 +3468,8 @@ def docker_settings(env, image: str) -> dict:
                           "suffixed with b, k, m, or g")
     cpus = js_trim(env.get("SPELL_DOCKER_CPUS", ""))
     if cpus:
-        try:
-            value = float(cpus)
-        except ValueError:
-            value = float("nan")
+        # float() alone would take "1_5", "nan" or other scripts' digits.
+        value = float(cpus) if _DECIMAL_RE.match(cpus) else float("nan")
         if not (value > 0 and value != float("inf")):
             raise DockerError("SPELL_DOCKER_CPUS must be a number > 0")
     return {"image": image, "network": network, "user": user, "read_only": read_only == "1",
@@ -3441,7 +3478,7 @@ def docker_settings(env, image: str) -> dict:
 
 def _tmpfs_owner(user: str) -> str:
     """``,uid=U,gid=G`` for a numeric ``--user``, so that user can write the copy."""
-    match = re.match(r"^(\d+)(?::(\d+))?$", user)
+    match = re.match(r"^([0-9]+)(?::([0-9]+))?$", user)
     if not match:
         return ""  # the image's default user (or a named one) owns nothing special
     uid, gid = match.group(1), match.group(2) or match.group(1)
