@@ -4075,14 +4075,14 @@ class Authenticator:
         return found
 
 
-_BEARER_RE = re.compile(r"^Bearer\s+(.+)$", re.S)
+_API_BEARER_RE = re.compile(r"^Bearer\s+(.+)$", re.S)
 
 
 def presented_token(headers) -> str | None:
     """The token of a request: ``Authorization: Bearer``, else ``x-api-key``."""
     auth = headers.get("authorization")
     if auth is not None:
-        m = _BEARER_RE.match(js_trim(auth))
+        m = _API_BEARER_RE.match(js_trim(auth))
         if m and js_trim(m.group(1)):
             return js_trim(m.group(1))
     key = headers.get("x-api-key")
@@ -4494,7 +4494,7 @@ def _legacy_record(item) -> dict | None:
     return record
 
 
-def execution_summary(row: dict) -> dict:
+def public_execution(row: dict) -> dict:
     """The public view of an execution (no log path, input or receipt)."""
     out = {}
     for key in SUMMARY_FIELDS:
@@ -4845,6 +4845,10 @@ def _worker_child(request: dict) -> int:
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ[EXECUTION_MARKER_ENV] = request["job"]
+    # The cast turns SIGTERM into a clean stop while it runs; outside that
+    # window (just before, or while its log is written) a SIGTERM must not
+    # kill the process before the result is on disk.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         os.chdir(request["cwd"])
     except OSError:
@@ -5791,7 +5795,7 @@ class ExecutionApi:
             "ok": True,
             "filters": {"status": statuses, "button_id": button_id, "tenant_id": tenant,
                         "limit": limit},
-            "executions": [execution_summary(r) for r in rows],
+            "executions": [public_execution(r) for r in rows],
         })
 
     def api_get_execution(self, req, context) -> ApiResponse:
@@ -5803,7 +5807,7 @@ class ExecutionApi:
         if row is None or (context.scoped and row["tenant_id"] != context.tenant):
             raise ApiError(404, "EXECUTION_NOT_FOUND", "execution not found")
         receipt = json.loads(row["receipt"]) if row.get("receipt") else None
-        return json_response(200, {"ok": True, "execution": execution_summary(row),
+        return json_response(200, {"ok": True, "execution": public_execution(row),
                                    "receipt": receipt}, execution_id=execution_id)
 
 
