@@ -5982,6 +5982,10 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
                 raise _HeadError(431, "HEADERS_TOO_LARGE", "request headers too large")
             if header in (b"\r\n", b"\n"):
                 break
+            name = header.split(b":", 1)[0]
+            if b":" not in header or not name or name != name.strip():
+                # No colon, an empty name, or folded or padded names (RFC 9112 5.1).
+                raise _HeadError(400, "BAD_REQUEST", "invalid header line")
             lines.append(header)
             if len(lines) > API_HEADERS_MAX_COUNT:
                 raise _HeadError(431, "HEADERS_TOO_LARGE", "too many request headers")
