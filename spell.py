@@ -6501,6 +6501,7 @@ section { background: var(--card); border: 1px solid var(--line); border-radius:
 h2 { font-size: 16px; margin: 0 0 4px; }
 .hint { color: var(--muted); font-size: 13px; margin: 0 0 10px; }
 input, select, textarea, button { font: inherit; }
+select { max-width: 220px; }
 input[type=text], input[type=password], input[type=number], select, textarea {
   border: 1px solid var(--line); border-radius: 5px; padding: 5px 8px; }
 textarea { width: 100%; min-height: 110px; font-family: ui-monospace, monospace; font-size: 13px; }
