@@ -3954,20 +3954,28 @@ def api_settings_from_env(env, *, host=None, port=None, registry=None) -> ApiSet
         port=port_value,
         registry_path=registry,
         body_limit_bytes=_setting_int(
-            env, "SPELL_API_BODY_LIMIT_BYTES", API_BODY_LIMIT_BYTES, 1),
+            env, "SPELL_API_BODY_LIMIT_BYTES", API_BODY_LIMIT_BYTES, 1
+        ),
         execution_timeout_ms=_setting_int(
-            env, "SPELL_API_EXECUTION_TIMEOUT_MS", API_EXECUTION_TIMEOUT_MS, 1),
+            env, "SPELL_API_EXECUTION_TIMEOUT_MS", API_EXECUTION_TIMEOUT_MS, 1
+        ),
         rate_limit_window_ms=_setting_int(
-            env, "SPELL_API_RATE_LIMIT_WINDOW_MS", API_RATE_LIMIT_WINDOW_MS, 1),
+            env, "SPELL_API_RATE_LIMIT_WINDOW_MS", API_RATE_LIMIT_WINDOW_MS, 1
+        ),
         rate_limit_max_requests=_setting_int(
-            env, "SPELL_API_RATE_LIMIT_MAX_REQUESTS", API_RATE_LIMIT_MAX_REQUESTS, 1),
+            env, "SPELL_API_RATE_LIMIT_MAX_REQUESTS", API_RATE_LIMIT_MAX_REQUESTS, 1
+        ),
         max_concurrent_executions=_setting_int(
-            env, "SPELL_API_MAX_CONCURRENT_EXECUTIONS", API_MAX_CONCURRENT_EXECUTIONS, 0),
+            env, "SPELL_API_MAX_CONCURRENT_EXECUTIONS", API_MAX_CONCURRENT_EXECUTIONS, 0
+        ),
         auth_tokens=_setting_csv(env, "SPELL_API_AUTH_TOKENS"),
         auth_keys=_setting_csv(env, "SPELL_API_AUTH_KEYS"),
         log_retention_days=_setting_int(
-            env, "SPELL_API_LOG_RETENTION_DAYS", API_LOG_RETENTION_DAYS, 0),
-        log_max_files=_setting_int(env, "SPELL_API_LOG_MAX_FILES", API_LOG_MAX_FILES, 0),
+            env, "SPELL_API_LOG_RETENTION_DAYS", API_LOG_RETENTION_DAYS, 0
+        ),
+        log_max_files=_setting_int(
+            env, "SPELL_API_LOG_MAX_FILES", API_LOG_MAX_FILES, 0
+        ),
     )
     if host is None:
         host = js_trim(env.get("SPELL_API_HOST") or "") or API_DEFAULT_HOST
@@ -4007,7 +4015,7 @@ def parse_auth_key(entry: str) -> AuthKey:
     at = entry.find(sep)
     if at <= 0 or at == len(entry) - 1:
         raise SpellError(f"invalid auth key entry: {entry}")
-    identity, token = js_trim(entry[:at]), js_trim(entry[at + 1:])
+    identity, token = js_trim(entry[:at]), js_trim(entry[at + 1 :])
     parts = identity.split(":")
     if len(parts) == 1:
         tenant, role = API_DEFAULT_TENANT, parts[0]
@@ -4039,20 +4047,25 @@ class Authenticator:
         for key in parsed:
             if key.token in seen:
                 raise SpellError(
-                    f"duplicate auth key token configured for role: {key.tenant}:{key.role}")
+                    f"duplicate auth key token configured for role: {key.tenant}:{key.role}"
+                )
             seen.add(key.token)
         if tokens and parsed:
             raise SpellError(
                 "API auth config error: use either authTokens or authKeys (role-based), "
-                "not both")
+                "not both"
+            )
         self.mode = "keys" if parsed else "tokens" if tokens else "off"
         self._secret = secrets.token_bytes(32)
         if parsed:
-            self._entries = [(self._digest(k.token.encode()), AuthContext(k.tenant, k.role, "keys"))
-                             for k in parsed]
+            self._entries = [
+                (self._digest(k.token.encode()), AuthContext(k.tenant, k.role, "keys"))
+                for k in parsed
+            ]
         else:
-            self._entries = [(self._digest(t.encode()), AuthContext(mode="tokens"))
-                             for t in tokens]
+            self._entries = [
+                (self._digest(t.encode()), AuthContext(mode="tokens")) for t in tokens
+            ]
 
     def _digest(self, token: bytes) -> bytes:
         return hmac.new(self._secret, token, hashlib.sha256).digest()
@@ -4093,10 +4106,26 @@ def presented_token(headers) -> str | None:
 
 # Button registry ---------------------------------------------------------------
 
-_BUTTON_KEYS = ("button_id", "spell_id", "version", "defaults", "required_confirmations",
-                "allowed_roles", "require_signature", "label", "description", "owners")
-_BUTTON_REQUIRED = ("button_id", "spell_id", "version", "defaults",
-                    "required_confirmations", "allowed_roles")
+_BUTTON_KEYS = (
+    "button_id",
+    "spell_id",
+    "version",
+    "defaults",
+    "required_confirmations",
+    "allowed_roles",
+    "require_signature",
+    "label",
+    "description",
+    "owners",
+)
+_BUTTON_REQUIRED = (
+    "button_id",
+    "spell_id",
+    "version",
+    "defaults",
+    "required_confirmations",
+    "allowed_roles",
+)
 
 
 @dataclass(frozen=True)
@@ -4117,9 +4146,12 @@ class Button:
     def public(self) -> dict:
         """The registry fields ``GET /api/buttons`` shows, in the original's order."""
         return {
-            "button_id": self.button_id, "label": self.label,
-            "description": self.description, "spell_id": self.spell_id,
-            "version": self.version, "defaults": self.defaults,
+            "button_id": self.button_id,
+            "label": self.label,
+            "description": self.description,
+            "spell_id": self.spell_id,
+            "version": self.version,
+            "defaults": self.defaults,
             "required_confirmations": {"risk": self.risk, "billing": self.billing},
             "require_signature": self.require_signature,
             "allowed_roles": list(self.allowed_roles),
@@ -4193,8 +4225,12 @@ def _validate_registry(doc) -> list[str]:
             err(f"{at}/defaults", "must be object")
         if "required_confirmations" in button:
             rc = button["required_confirmations"]
-            if check_object(rc, f"{at}/required_confirmations", ("risk", "billing"),
-                            ("risk", "billing")):
+            if check_object(
+                rc,
+                f"{at}/required_confirmations",
+                ("risk", "billing"),
+                ("risk", "billing"),
+            ):
                 for key in ("risk", "billing"):
                     if key in rc:
                         check_bool(rc[key], f"{at}/required_confirmations/{key}")
@@ -4216,8 +4252,9 @@ def load_button_registry(path: str) -> ButtonRegistry:
     ``owners`` is accepted on a button, as the published schema allows.
     """
     try:
-        data = read_file(path, API_REGISTRY_MAX_BYTES, "button registry file",
-                         follow_symlinks=True)
+        data = read_file(
+            path, API_REGISTRY_MAX_BYTES, "button registry file", follow_symlinks=True
+        )
     except OSError:
         raise SpellError(f"button registry file not found: {path}") from None
     except SpellError as exc:
@@ -4236,7 +4273,9 @@ def load_button_registry(path: str) -> ButtonRegistry:
         if raw["button_id"] in by_id:
             raise SpellError(f"duplicate button_id in registry: {raw['button_id']}")
         button = Button(
-            button_id=raw["button_id"], spell_id=raw["spell_id"], version=raw["version"],
+            button_id=raw["button_id"],
+            spell_id=raw["spell_id"],
+            version=raw["version"],
             defaults=raw["defaults"],
             risk=raw["required_confirmations"]["risk"],
             billing=raw["required_confirmations"]["billing"],
@@ -4279,9 +4318,22 @@ def compact_json(value) -> str:
 # Execution index ---------------------------------------------------------------
 
 #: Keys of an execution summary, in the order the API shows them.
-SUMMARY_FIELDS = ("execution_id", "button_id", "spell_id", "version", "require_signature",
-                  "status", "tenant_id", "actor_role", "created_at", "started_at",
-                  "finished_at", "error_code", "message", "runtime_execution_id")
+SUMMARY_FIELDS = (
+    "execution_id",
+    "button_id",
+    "spell_id",
+    "version",
+    "require_signature",
+    "status",
+    "tenant_id",
+    "actor_role",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "error_code",
+    "message",
+    "runtime_execution_id",
+)
 
 _INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -4331,8 +4383,9 @@ class ExecutionIndex:
         if created:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False,
-                                   isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30
+        )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed acceptance survives power loss, not just a crash.
@@ -4352,19 +4405,24 @@ class ExecutionIndex:
     def insert(self, record: dict) -> None:
         """Insert a new execution; raises ``sqlite3.IntegrityError`` on a known id."""
         keys = list(record)
-        sql = (f"INSERT INTO executions ({', '.join(keys)}) "
-               f"VALUES ({', '.join('?' for _ in keys)})")
+        sql = (
+            f"INSERT INTO executions ({', '.join(keys)}) "
+            f"VALUES ({', '.join('?' for _ in keys)})"
+        )
         self._write(sql, [record[k] for k in keys])
 
     def update(self, execution_id: str, **values) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
-        self._write(f"UPDATE executions SET {sets} WHERE execution_id = ?",
-                    [*values.values(), execution_id])
+        self._write(
+            f"UPDATE executions SET {sets} WHERE execution_id = ?",
+            [*values.values(), execution_id],
+        )
 
     def get(self, execution_id: str) -> dict | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM executions WHERE execution_id = ?",
-                                   (execution_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT * FROM executions WHERE execution_id = ?", (execution_id,)
+            ).fetchone()
         return dict(row) if row else None
 
     def list(self, statuses, button_id, tenant_id, limit: int) -> list[dict]:
@@ -4390,7 +4448,8 @@ class ExecutionIndex:
     def unfinished(self) -> list[dict]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM executions WHERE status IN ('queued', 'running')").fetchall()
+                "SELECT * FROM executions WHERE status IN ('queued', 'running')"
+            ).fetchall()
         return [dict(r) for r in rows]
 
     def retention_candidates(self, cutoff: str | None, keep: int) -> list[dict]:
@@ -4399,14 +4458,18 @@ class ExecutionIndex:
         with self._lock:
             if cutoff is not None:
                 for row in self._db.execute(
-                        "SELECT execution_id, runtime_log_path, status FROM executions "
-                        "WHERE coalesce(finished_at, created_at) < ?", (cutoff,)):
+                    "SELECT execution_id, runtime_log_path, status FROM executions "
+                    "WHERE coalesce(finished_at, created_at) < ?",
+                    (cutoff,),
+                ):
                     found[row["execution_id"]] = dict(row)
             if keep > 0:
                 for row in self._db.execute(
-                        "SELECT execution_id, runtime_log_path, status FROM executions "
-                        "ORDER BY coalesce(finished_at, created_at) DESC, seq DESC "
-                        "LIMIT -1 OFFSET ?", (keep,)):
+                    "SELECT execution_id, runtime_log_path, status FROM executions "
+                    "ORDER BY coalesce(finished_at, created_at) DESC, seq DESC "
+                    "LIMIT -1 OFFSET ?",
+                    (keep,),
+                ):
                     found[row["execution_id"]] = dict(row)
         return [r for r in found.values() if r["status"] not in IN_FLIGHT_STATES]
 
@@ -4415,10 +4478,15 @@ class ExecutionIndex:
         found = []
         with self._lock:
             for start in range(0, len(paths), 500):
-                chunk = paths[start:start + 500]
-                found += [dict(r) for r in self._db.execute(
-                    "SELECT execution_id, runtime_log_path, status FROM executions "
-                    f"WHERE runtime_log_path IN ({', '.join('?' for _ in chunk)})", chunk)]
+                chunk = paths[start : start + 500]
+                found += [
+                    dict(r)
+                    for r in self._db.execute(
+                        "SELECT execution_id, runtime_log_path, status FROM executions "
+                        f"WHERE runtime_log_path IN ({', '.join('?' for _ in chunk)})",
+                        chunk,
+                    )
+                ]
         return found
 
     def referenced_logs(self, paths) -> set:
@@ -4430,11 +4498,13 @@ class ExecutionIndex:
             self._db.execute("BEGIN")
             try:
                 for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
+                    chunk = ids[start : start + 500]
                     self._db.execute(
                         f"DELETE FROM executions WHERE execution_id IN "
                         f"({', '.join('?' for _ in chunk)}) "
-                        "AND status NOT IN ('queued', 'running')", chunk)
+                        "AND status NOT IN ('queued', 'running')",
+                        chunk,
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -4447,8 +4517,11 @@ class ExecutionIndex:
             doc = read_json_file(path, "index.json", limit=LOG_MAX_BYTES)
         except (OSError, ValueError, SpellError, RecursionError):
             return
-        if not isinstance(doc, dict) or doc.get("version") != "v1" \
-                or not isinstance(doc.get("executions"), list):
+        if (
+            not isinstance(doc, dict)
+            or doc.get("version") != "v1"
+            or not isinstance(doc.get("executions"), list)
+        ):
             return
         records = {}
         for item in doc["executions"]:
@@ -4462,7 +4535,9 @@ class ExecutionIndex:
                 keys = list(record)
                 self._db.execute(
                     f"INSERT OR REPLACE INTO executions ({', '.join(keys)}) "
-                    f"VALUES ({', '.join('?' for _ in keys)})", [record[k] for k in keys])
+                    f"VALUES ({', '.join('?' for _ in keys)})",
+                    [record[k] for k in keys],
+                )
             self._db.execute("COMMIT")
 
 
@@ -4470,8 +4545,14 @@ def _legacy_record(item) -> dict | None:
     """One row from an ``index.json`` job, or None when the original would skip it."""
     if not isinstance(item, dict):
         return None
-    for key in ("execution_id", "button_id", "spell_id", "version", "actor_role",
-                "created_at"):
+    for key in (
+        "execution_id",
+        "button_id",
+        "spell_id",
+        "version",
+        "actor_role",
+        "created_at",
+    ):
         if not isinstance(item.get(key), str):
             return None
     if item.get("status") not in EXECUTION_STATES:
@@ -4481,12 +4562,29 @@ def _legacy_record(item) -> dict | None:
     if "tenant_id" in item and not isinstance(item["tenant_id"], str):
         return None
     tenant = js_trim(item.get("tenant_id") or "") or API_DEFAULT_TENANT
-    record = {key: item[key] for key in ("execution_id", "button_id", "spell_id",
-                                         "version", "status", "actor_role", "created_at")}
-    record.update(require_signature=int(bool(item.get("require_signature"))),
-                  tenant_id=tenant)
-    for key in ("started_at", "finished_at", "error_code", "message",
-                "runtime_execution_id", "runtime_log_path"):
+    record = {
+        key: item[key]
+        for key in (
+            "execution_id",
+            "button_id",
+            "spell_id",
+            "version",
+            "status",
+            "actor_role",
+            "created_at",
+        )
+    }
+    record.update(
+        require_signature=int(bool(item.get("require_signature"))), tenant_id=tenant
+    )
+    for key in (
+        "started_at",
+        "finished_at",
+        "error_code",
+        "message",
+        "runtime_execution_id",
+        "runtime_log_path",
+    ):
         if isinstance(item.get(key), str):
             record[key] = item[key]
     if isinstance(item.get("receipt"), dict):
@@ -4505,21 +4603,36 @@ def public_execution(row: dict) -> dict:
     return out
 
 
-_RECEIPT_STEP_KEYS = ("stepName", "uses", "started_at", "finished_at", "success",
-                      "exitCode", "message")
+_RECEIPT_STEP_KEYS = (
+    "stepName",
+    "uses",
+    "started_at",
+    "finished_at",
+    "success",
+    "exitCode",
+    "message",
+)
 
 
 def build_receipt(log: dict, tenant_id: str) -> dict:
     """The sanitized receipt of an execution log: no input, outputs or raw output."""
     receipt = {}
-    for key in ("execution_id", "id", "version", "started_at", "finished_at",
-                "summary", "checks"):
+    for key in (
+        "execution_id",
+        "id",
+        "version",
+        "started_at",
+        "finished_at",
+        "summary",
+        "checks",
+    ):
         if key in log:
             receipt[key] = log[key]
     steps = log.get("steps")
     receipt["steps"] = [
         {k: step[k] for k in _RECEIPT_STEP_KEYS if k in step}
-        for step in (steps if isinstance(steps, list) else []) if isinstance(step, dict)
+        for step in (steps if isinstance(steps, list) else [])
+        if isinstance(step, dict)
     ]
     for key in ("success", "error"):
         if key in log:
@@ -4529,21 +4642,43 @@ def build_receipt(log: dict, tenant_id: str) -> dict:
 
 
 _RUNTIME_ERRORS = (
-    (re.compile(r"cast execution timed out after \d+ms(?: while running step '[^'\n]*')?"),
-     "EXECUTION_TIMEOUT", None),
+    (
+        re.compile(
+            r"cast execution timed out after \d+ms(?: while running step '[^'\n]*')?"
+        ),
+        "EXECUTION_TIMEOUT",
+        None,
+    ),
     (re.compile(r"shell step '[^'\n]*' timed out after \d+ms"), "STEP_TIMEOUT", None),
-    (re.compile(r"merged input is \d+ bytes, exceeds SPELL_RUNTIME_INPUT_MAX_BYTES=\d+"),
-     "INPUT_TOO_LARGE", None),
+    (
+        re.compile(
+            r"merged input is \d+ bytes, exceeds SPELL_RUNTIME_INPUT_MAX_BYTES=\d+"
+        ),
+        "INPUT_TOO_LARGE",
+        None,
+    ),
     (re.compile(r"signature required:"), "SIGNATURE_REQUIRED", "signature required"),
-    (re.compile(r"risk [^\n]* requires --yes"), "RISK_CONFIRMATION_REQUIRED",
-     "risk confirmation required"),
-    (re.compile(r"billing enabled requires --allow-billing"),
-     "BILLING_CONFIRMATION_REQUIRED", "billing confirmation required"),
-    (re.compile(r"missing connector token"), "CONNECTOR_TOKEN_MISSING",
-     "connector token missing"),
+    (
+        re.compile(r"risk [^\n]* requires --yes"),
+        "RISK_CONFIRMATION_REQUIRED",
+        "risk confirmation required",
+    ),
+    (
+        re.compile(r"billing enabled requires --allow-billing"),
+        "BILLING_CONFIRMATION_REQUIRED",
+        "billing confirmation required",
+    ),
+    (
+        re.compile(r"missing connector token"),
+        "CONNECTOR_TOKEN_MISSING",
+        "connector token missing",
+    ),
     (re.compile(r"platform mismatch:"), "PLATFORM_UNSUPPORTED", "platform unsupported"),
-    (re.compile(r"input does not match schema"), "INPUT_SCHEMA_INVALID",
-     "input schema invalid"),
+    (
+        re.compile(r"input does not match schema"),
+        "INPUT_SCHEMA_INVALID",
+        "input schema invalid",
+    ),
 )
 
 
@@ -4567,7 +4702,7 @@ def _proc_start_time(pid: int) -> str | None:
             raw = handle.read()
     except OSError:
         return None
-    fields = raw[raw.rfind(b")") + 2:].split()
+    fields = raw[raw.rfind(b")") + 2 :].split()
     if len(fields) < 20 or fields[0] in (b"Z", b"X"):
         return None
     return fields[19].decode()
@@ -4652,7 +4787,9 @@ class _InstanceLock:
         ensure_dir(self.folder)
         self.instance = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.path = os.path.join(self.folder, self.instance + ".lock")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        self._fd = os.open(
+            self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE
+        )
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def is_alive(self, instance: str | None) -> bool:
@@ -4701,7 +4838,7 @@ class _InstanceLock:
 def _send_line(fd: int, message: dict) -> None:
     data = (json.dumps(message) + "\n").encode()
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def _become_child_subreaper() -> None:
@@ -4711,7 +4848,9 @@ def _become_child_subreaper() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        ctypes.CDLL(None, use_errno=True).prctl(
+            36, 1, 0, 0, 0
+        )  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         pass
 
@@ -4764,8 +4903,14 @@ def _worker_main() -> None:
                 if pid is None:
                     continue
                 children[pid] = request["job"]
-                _send_line(1, {"started": request["job"], "pid": pid,
-                               "start": _proc_start_time(pid)})
+                _send_line(
+                    1,
+                    {
+                        "started": request["job"],
+                        "pid": pid,
+                        "start": _proc_start_time(pid),
+                    },
+                )
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -4776,8 +4921,14 @@ def _worker_main() -> None:
             job = children.pop(pid, None)
             if job is not None:
                 try:
-                    _send_line(1, {"exited": job, "pid": pid,
-                                   "code": os.waitstatus_to_exitcode(status)})
+                    _send_line(
+                        1,
+                        {
+                            "exited": job,
+                            "pid": pid,
+                            "code": os.waitstatus_to_exitcode(status),
+                        },
+                    )
                 except OSError:
                     stop.append(True)
         if stop:
@@ -4804,8 +4955,15 @@ def _worker_fork(request: dict, selector, wake_r: int, wake_w: int) -> int | Non
     try:
         pid = os.fork()
     except OSError as exc:
-        _send_line(1, {"exited": request["job"], "pid": None, "code": -1,
-                       "error": f"fork failed: {exc}"})
+        _send_line(
+            1,
+            {
+                "exited": request["job"],
+                "pid": None,
+                "code": -1,
+                "error": f"fork failed: {exc}",
+            },
+        )
         return None
     if pid:
         return pid
@@ -4859,8 +5017,11 @@ def _worker_child(request: dict) -> int:
     except SpellError as exc:
         result = {"ok": False, "error": exc.message, "error_code": exc.error_code}
     except BaseException as exc:  # a bug in cast: report it, never hang the job
-        result = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}",
-                  "error_code": "INTERNAL_ERROR"}
+        result = {
+            "ok": False,
+            "error": f"internal error: {type(exc).__name__}: {exc}",
+            "error_code": "INTERNAL_ERROR",
+        }
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -4901,15 +5062,25 @@ class ForkWorker:
 
     def _start_locked(self) -> None:
         here = os.path.dirname(os.path.abspath(__file__))
-        boot = ("import sys; sys.path.insert(0, sys.argv[1]); "
-                "import spell; spell._worker_main()")
+        boot = (
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "import spell; spell._worker_main()"
+        )
         self._ready = threading.Event()
         proc = subprocess.Popen(
-            [sys.executable, "-c", boot, here], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, env=self._env, close_fds=True)
+            [sys.executable, "-c", boot, here],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=self._env,
+            close_fds=True,
+        )
         self._proc = proc
-        threading.Thread(target=self._read_events, args=(proc, self._ready),
-                         name="spell-api-worker-events", daemon=True).start()
+        threading.Thread(
+            target=self._read_events,
+            args=(proc, self._ready),
+            name="spell-api-worker-events",
+            daemon=True,
+        ).start()
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -5015,18 +5186,32 @@ class ApiLog:
             except (OSError, ValueError):
                 pass
 
-    def request(self, method: str, path: str, status: int, ms: float,
-                execution_id: str | None = None) -> None:
-        record = {"method": method[:32], "path": path[:API_LOG_PATH_MAX_CHARS],
-                  "status": status, "ms": round(ms, 2)}
+    def request(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        ms: float,
+        execution_id: str | None = None,
+    ) -> None:
+        record = {
+            "method": method[:32],
+            "path": path[:API_LOG_PATH_MAX_CHARS],
+            "status": status,
+            "ms": round(ms, 2),
+        }
         if execution_id:
             record["execution_id"] = execution_id
         self.write(record)
 
     def execution(self, row: dict) -> None:
-        record = {"event": "execution", "execution_id": row["execution_id"],
-                  "status": row["status"], "button_id": row["button_id"],
-                  "tenant_id": row["tenant_id"]}
+        record = {
+            "event": "execution",
+            "execution_id": row["execution_id"],
+            "status": row["status"],
+            "button_id": row["button_id"],
+            "tenant_id": row["tenant_id"],
+        }
         if row.get("error_code"):
             record["error_code"] = row["error_code"]
         self.write(record)
@@ -5060,12 +5245,18 @@ class RateLimiter:
                 hits.popleft()
             if len(hits) >= self.max:
                 wait = max(1, math.ceil(hits[0] + self.window - now))
-                raise ApiError(429, "RATE_LIMITED", "too many requests",
-                               [("Retry-After", str(wait))])
+                raise ApiError(
+                    429,
+                    "RATE_LIMITED",
+                    "too many requests",
+                    [("Retry-After", str(wait))],
+                )
             hits.append(now)
 
     def _forget(self, now: float) -> None:
-        for key in [k for k, v in self._hits.items() if not v or now - v[-1] > self.window]:
+        for key in [
+            k for k, v in self._hits.items() if not v or now - v[-1] > self.window
+        ]:
             del self._hits[key]
         while len(self._hits) >= API_RATE_LIMIT_MAX_CLIENTS:
             del self._hits[next(iter(self._hits))]
@@ -5093,8 +5284,15 @@ def _runtime_timeout_ms(api_timeout_ms: int, env) -> str | None:
 class JobRunner:
     """Accepts executions, runs each in the fork server and records its end."""
 
-    def __init__(self, settings: ApiSettings, index: ExecutionIndex, log: ApiLog,
-                 instance: str, logs_dir: str, retention):
+    def __init__(
+        self,
+        settings: ApiSettings,
+        index: ExecutionIndex,
+        log: ApiLog,
+        instance: str,
+        logs_dir: str,
+        retention,
+    ):
         self.settings = settings
         self.index = index
         self.log = log
@@ -5123,8 +5321,9 @@ class JobRunner:
         with self._lock:
             return min(self._since.values()) if self._since else None
 
-    def accept(self, button: Button, tenant: str, role: str, merged: dict,
-               dry_run: bool) -> dict:
+    def accept(
+        self, button: Button, tenant: str, role: str, merged: dict, dry_run: bool
+    ) -> dict:
         """Record a queued execution (on disk before returning) and start it.
 
         The in-flight limit is checked again here, under the lock, so that
@@ -5133,16 +5332,24 @@ class JobRunner:
         limit = self.settings.max_concurrent_executions
         with self._lock:
             if not self._accepting or len(self._in_flight) >= limit:
-                raise ApiError(429, "CONCURRENCY_LIMITED",
-                               f"too many in-flight executions: max {limit}",
-                               [("Retry-After", "1")])
+                raise ApiError(
+                    429,
+                    "CONCURRENCY_LIMITED",
+                    f"too many in-flight executions: max {limit}",
+                    [("Retry-After", "1")],
+                )
             while True:
                 row = {
-                    "execution_id": new_execution_id(), "button_id": button.button_id,
-                    "spell_id": button.spell_id, "version": button.version,
+                    "execution_id": new_execution_id(),
+                    "button_id": button.button_id,
+                    "spell_id": button.spell_id,
+                    "version": button.version,
                     "require_signature": int(button.require_signature),
-                    "status": "queued", "tenant_id": tenant, "actor_role": role,
-                    "created_at": iso_now(), "dry_run": int(dry_run),
+                    "status": "queued",
+                    "tenant_id": tenant,
+                    "actor_role": role,
+                    "created_at": iso_now(),
+                    "dry_run": int(dry_run),
                     "server_instance": self.instance,
                 }
                 try:
@@ -5153,8 +5360,11 @@ class JobRunner:
             self._in_flight[row["execution_id"]] = row
             self._since[row["execution_id"]] = time.time()
             thread = threading.Thread(
-                target=self._run, args=(row, button, merged, dry_run),
-                name=f"spell-api-{row['execution_id']}", daemon=True)
+                target=self._run,
+                args=(row, button, merged, dry_run),
+                name=f"spell-api-{row['execution_id']}",
+                daemon=True,
+            )
             self._threads[row["execution_id"]] = thread
         self.log.execution(row)
         thread.start()
@@ -5167,8 +5377,11 @@ class JobRunner:
             self._execute(row, button, merged, dry_run, folder)
         except Exception as exc:  # never leave a job running on a bug
             self._finish(row, "failed", "EXECUTION_FAILED", "execution failed")
-            self.log.event("execution_error", execution_id=row["execution_id"],
-                           error=f"{type(exc).__name__}: {exc}")
+            self.log.event(
+                "execution_error",
+                execution_id=row["execution_id"],
+                error=f"{type(exc).__name__}: {exc}",
+            )
         finally:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -5184,12 +5397,17 @@ class JobRunner:
     def _execute(self, row, button, merged, dry_run, folder) -> None:
         settings = self.settings
         opts = {
-            "id": button.spell_id, "version": button.version, "params": [],
-            "input": merged, "dry_run": dry_run, "yes": button.risk,
+            "id": button.spell_id,
+            "version": button.version,
+            "params": [],
+            "input": merged,
+            "dry_run": dry_run,
+            "yes": button.risk,
             "allow_billing": button.billing,
             "require_signature": button.require_signature,
             "allow_unsigned": not button.require_signature,
-            "verbose": False, "profile": None,
+            "verbose": False,
+            "profile": None,
         }
         env = dict(os.environ, **self.extra_env)
         for name in API_SECRET_ENV:
@@ -5198,25 +5416,35 @@ class JobRunner:
         if runtime_timeout is not None:
             env["SPELL_RUNTIME_EXECUTION_TIMEOUT_MS"] = runtime_timeout
         row.update(status="running", started_at=iso_now())
-        self.index.update(row["execution_id"], status="running",
-                          started_at=row["started_at"])
+        self.index.update(
+            row["execution_id"], status="running", started_at=row["started_at"]
+        )
         self.log.execution(row)
-        ticket = self.worker.submit(row["execution_id"], {
-            "opts": opts, "dir": folder, "env": env, "cwd": os.getcwd(),
-            "grace_ms": settings.kill_grace_ms,
-        })
+        ticket = self.worker.submit(
+            row["execution_id"],
+            {
+                "opts": opts,
+                "dir": folder,
+                "env": env,
+                "cwd": os.getcwd(),
+                "grace_ms": settings.kill_grace_ms,
+            },
+        )
         timeout_s = settings.execution_timeout_ms / 1000
         grace_s = settings.kill_grace_ms / 1000
         deadline = time.monotonic() + timeout_s
         if ticket.started.wait(timeout_s) and ticket.pid:
-            self.index.update(row["execution_id"], pid=ticket.pid, proc_start=ticket.start)
+            self.index.update(
+                row["execution_id"], pid=ticket.pid, proc_start=ticket.start
+            )
         timed_out = not ticket.exited.wait(max(0.0, deadline - time.monotonic()))
         if timed_out:
             self._stop(row, ticket, grace_s)
         elif ticket.error:
             # The worker died under the execution: make sure nothing is left.
-            stop_execution_processes([row["execution_id"]],
-                                     [(ticket.pid, ticket.start)], grace_s)
+            stop_execution_processes(
+                [row["execution_id"]], [(ticket.pid, ticket.start)], grace_s
+            )
         result = self._read_result(folder)
         self._conclude(row, result, folder, timed_out, runtime_timeout)
 
@@ -5254,7 +5482,9 @@ class JobRunner:
             return None, None
         path = os.path.abspath(log_path)
         real_logs = os.path.realpath(self.logs_dir)
-        if os.path.dirname(os.path.realpath(path)) != real_logs or not path.endswith(".json"):
+        if os.path.dirname(os.path.realpath(path)) != real_logs or not path.endswith(
+            ".json"
+        ):
             return None, None
         try:
             log = read_json_file(path, "log", limit=LOG_MAX_BYTES)
@@ -5277,11 +5507,17 @@ class JobRunner:
             fields["receipt"] = compact_json(receipt)
         limit = self.settings.execution_timeout_ms
         if self._cancelled:
-            status, code, message = "failed", "SERVER_RESTARTED", \
-                "execution interrupted by server shutdown"
+            status, code, message = (
+                "failed",
+                "SERVER_RESTARTED",
+                "execution interrupted by server shutdown",
+            )
         elif timed_out:
-            status, code, message = "timeout", "EXECUTION_TIMEOUT", \
-                f"execution exceeded timeout {limit}ms"
+            status, code, message = (
+                "timeout",
+                "EXECUTION_TIMEOUT",
+                f"execution exceeded timeout {limit}ms",
+            )
         elif result.get("ok"):
             status, code, message = "succeeded", None, "completed"
         else:
@@ -5290,18 +5526,31 @@ class JobRunner:
                 text = self._stderr_tail(folder)
             code, message = map_runtime_error(text)
             status = "timeout" if code == "EXECUTION_TIMEOUT" else "failed"
-            if code == "EXECUTION_TIMEOUT" and runtime_timeout \
-                    and f"after {runtime_timeout}ms" in message:
+            if (
+                code == "EXECUTION_TIMEOUT"
+                and runtime_timeout
+                and f"after {runtime_timeout}ms" in message
+            ):
                 # The cast stopped itself at the limit the API gave it.
                 message = f"execution exceeded timeout {limit}ms"
         self._finish(row, status, code, message, **fields)
 
     def _finish(self, row, status, code, message, **fields) -> None:
-        row.update(status=status, finished_at=iso_now(), error_code=code,
-                   message=message, **fields)
-        self.index.update(row["execution_id"], status=status,
-                          finished_at=row["finished_at"], error_code=code,
-                          message=message, **fields)
+        row.update(
+            status=status,
+            finished_at=iso_now(),
+            error_code=code,
+            message=message,
+            **fields,
+        )
+        self.index.update(
+            row["execution_id"],
+            status=status,
+            finished_at=row["finished_at"],
+            error_code=code,
+            message=message,
+            **fields,
+        )
         self.log.execution(row)
 
     def close(self, cancel: bool = False) -> None:
@@ -5312,8 +5561,10 @@ class JobRunner:
             running = list(self._in_flight)
         if cancel and running:
             self._cancelled = True
-            pids = [(r.get("pid"), r.get("proc_start"))
-                    for r in (self.index.get(e) or {} for e in running)]
+            pids = [
+                (r.get("pid"), r.get("proc_start"))
+                for r in (self.index.get(e) or {} for e in running)
+            ]
             stop_execution_processes(running, pids, self.settings.kill_grace_ms / 1000)
         for thread in threads:
             thread.join()
@@ -5328,7 +5579,9 @@ class _HeaderMap:
 
     def __init__(self, headers=None):
         self._values: dict[str, str] = {}
-        for name, value in (headers.items() if isinstance(headers, dict) else headers or ()):
+        for name, value in (
+            headers.items() if isinstance(headers, dict) else headers or ()
+        ):
             self._values.setdefault(name.lower(), value)
 
     def get(self, name: str, default=None):
@@ -5366,12 +5619,22 @@ class ApiRequest:
     checks that come before it.
     """
 
-    def __init__(self, method: str, target: str, headers=None, body: bytes = b"",
-                 client: str = "127.0.0.1", body_reader=None):
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers=None,
+        body: bytes = b"",
+        client: str = "127.0.0.1",
+        body_reader=None,
+    ):
         self.method = method
         self.target = target
-        self.headers = headers if hasattr(headers, "get") and not isinstance(headers, dict) \
+        self.headers = (
+            headers
+            if hasattr(headers, "get") and not isinstance(headers, dict)
             else _HeaderMap(headers)
+        )
         self.client = client
         self._body = body
         self._reader = body_reader
@@ -5394,8 +5657,9 @@ class ApiRequest:
         """First value of each query parameter (``+`` is a space)."""
         if self._query is None:
             self._query = {}
-            for key, value in urllib.parse.parse_qsl(self.query_string, keep_blank_values=True,
-                                                     errors="replace"):
+            for key, value in urllib.parse.parse_qsl(
+                self.query_string, keep_blank_values=True, errors="replace"
+            ):
                 self._query.setdefault(key, value)
         return self._query
 
@@ -5410,7 +5674,9 @@ class ApiRequest:
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "INPUT_TOO_LARGE", f"input payload too large: max {limit} bytes")
+    return ApiError(
+        413, "INPUT_TOO_LARGE", f"input payload too large: max {limit} bytes"
+    )
 
 
 @dataclass
@@ -5430,10 +5696,12 @@ _JSON_TYPE = "application/json; charset=utf-8"
 _API_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
 #: The page loads its script from this server and talks only to it.
 _PAGE_HEADERS = [
-    ("Content-Security-Policy",
-     "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
-     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-     "frame-ancestors 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'",
+    ),
     ("X-Frame-Options", "DENY"),
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
@@ -5443,8 +5711,12 @@ _PAGE_HEADERS = [
 
 def json_response(status: int, value, headers=(), execution_id=None) -> ApiResponse:
     body = compact_json(value).encode("utf-8")
-    return ApiResponse(status, [("Content-Type", _JSON_TYPE), *_API_HEADERS, *headers],
-                       body, execution_id)
+    return ApiResponse(
+        status,
+        [("Content-Type", _JSON_TYPE), *_API_HEADERS, *headers],
+        body,
+        execution_id,
+    )
 
 
 def error_response(err: SpellError) -> ApiResponse:
@@ -5462,8 +5734,15 @@ API_ROUTES = {
     ("GET", "/spell-executions"): "api_list_executions",
     ("GET", "/spell-executions/{execution_id}"): "api_get_execution",
 }
-_CREATE_FIELDS = ("button_id", "dry_run", "input", "confirmation", "actor_role", "tenant",
-                  "tenant_id")
+_CREATE_FIELDS = (
+    "button_id",
+    "dry_run",
+    "input",
+    "confirmation",
+    "actor_role",
+    "tenant",
+    "tenant_id",
+)
 _EXECUTION_PREFIX = "/spell-executions/"
 
 
@@ -5476,7 +5755,7 @@ def _host_name(value: str) -> str:
     """The name part of a Host header or an origin's netloc."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
+        return value[1 : value.find("]")] if "]" in value else value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
@@ -5499,9 +5778,17 @@ class ExecutionApi:
         self.logs_dir = os.path.join(self.store, "logs")
         self._instance = _InstanceLock(self.logs_dir)
         self.index = ExecutionIndex(self.logs_dir)
-        self.rate = RateLimiter(settings.rate_limit_window_ms, settings.rate_limit_max_requests)
-        self.jobs = JobRunner(settings, self.index, self.log, self._instance.instance,
-                              self.logs_dir, self.retention)
+        self.rate = RateLimiter(
+            settings.rate_limit_window_ms, settings.rate_limit_max_requests
+        )
+        self.jobs = JobRunner(
+            settings,
+            self.index,
+            self.log,
+            self._instance.instance,
+            self.logs_dir,
+            self.retention,
+        )
         if settings.store:
             self.jobs.extra_env["SPELL_HOME"] = self.store
         self._retention_lock = threading.Lock()
@@ -5528,15 +5815,26 @@ class ExecutionApi:
                 rows.append(row)
         if not rows:
             return
-        stop_execution_processes([r["execution_id"] for r in rows],
-                                 [(r.get("pid"), r.get("proc_start")) for r in rows],
-                                 self.settings.kill_grace_ms / 1000)
+        stop_execution_processes(
+            [r["execution_id"] for r in rows],
+            [(r.get("pid"), r.get("proc_start")) for r in rows],
+            self.settings.kill_grace_ms / 1000,
+        )
         now = iso_now()
         for row in rows:
-            row.update(status="failed", finished_at=now, error_code="SERVER_RESTARTED",
-                       message="execution interrupted by server restart")
-            self.index.update(row["execution_id"], status="failed", finished_at=now,
-                              error_code="SERVER_RESTARTED", message=row["message"])
+            row.update(
+                status="failed",
+                finished_at=now,
+                error_code="SERVER_RESTARTED",
+                message="execution interrupted by server restart",
+            )
+            self.index.update(
+                row["execution_id"],
+                status="failed",
+                finished_at=now,
+                error_code="SERVER_RESTARTED",
+                message=row["message"],
+            )
             self.log.execution(row)
 
     def close(self, cancel: bool = False) -> None:
@@ -5571,8 +5869,12 @@ class ExecutionApi:
         if not isinstance(path, str) or not path.endswith(".json"):
             return False
         name = os.path.basename(path)
-        return (name != "index.json" and not name.startswith(".")
-                and os.path.dirname(os.path.realpath(path)) == os.path.realpath(self.logs_dir))
+        return (
+            name != "index.json"
+            and not name.startswith(".")
+            and os.path.dirname(os.path.realpath(path))
+            == os.path.realpath(self.logs_dir)
+        )
 
     def _retention_pass(self) -> None:
         days, keep = self.settings.log_retention_days, self.settings.log_max_files
@@ -5583,15 +5885,24 @@ class ExecutionApi:
         cutoff_iso = None
         if cutoff is not None:
             stamp = time.gmtime(cutoff)
-            cutoff_iso = time.strftime("%Y-%m-%dT%H:%M:%S", stamp) + \
-                f".{int(cutoff * 1000) % 1000:03d}Z"
-        doomed = {r["execution_id"]: r for r in self.index.retention_candidates(cutoff_iso, keep)}
+            cutoff_iso = (
+                time.strftime("%Y-%m-%dT%H:%M:%S", stamp)
+                + f".{int(cutoff * 1000) % 1000:03d}Z"
+            )
+        doomed = {
+            r["execution_id"]: r
+            for r in self.index.retention_candidates(cutoff_iso, keep)
+        }
         files = []
         try:
             with os.scandir(self.logs_dir) as entries:
                 for entry in entries:
                     name = entry.name
-                    if not name.endswith(".json") or name == "index.json" or name[0] == ".":
+                    if (
+                        not name.endswith(".json")
+                        or name == "index.json"
+                        or name[0] == "."
+                    ):
                         continue
                     try:
                         info = entry.stat(follow_symlinks=False)
@@ -5615,8 +5926,11 @@ class ExecutionApi:
                 marked.discard(row["runtime_log_path"])
             else:
                 doomed[row["execution_id"]] = row
-        row_files = {r["runtime_log_path"] for r in doomed.values()
-                     if self._is_log_file(r["runtime_log_path"])}
+        row_files = {
+            r["runtime_log_path"]
+            for r in doomed.values()
+            if self._is_log_file(r["runtime_log_path"])
+        }
         for row in self.index.rows_for_logs(row_files):
             if row["execution_id"] not in doomed:
                 row_files.discard(row["runtime_log_path"])
@@ -5652,12 +5966,14 @@ class ExecutionApi:
             return getattr(self, UI_ROUTES[req.raw_path])(req, None)
         route = req.path[4:] if req.path.startswith("/api/") else req.path
         context = None
-        if route in ("/buttons", "/spell-executions") or route.startswith(_EXECUTION_PREFIX):
+        if route in ("/buttons", "/spell-executions") or route.startswith(
+            _EXECUTION_PREFIX
+        ):
             context = self.auth.authenticate(req.headers)
         key = (req.method, route)
         if route.startswith(_EXECUTION_PREFIX):
             key = (req.method, _EXECUTION_PREFIX + "{execution_id}")
-            req.execution_id = route[len(_EXECUTION_PREFIX):]
+            req.execution_id = route[len(_EXECUTION_PREFIX) :]
         name = API_ROUTES.get(key)
         if name is None:
             raise ApiError(404, "NOT_FOUND", "route not found")
@@ -5677,12 +5993,18 @@ class ExecutionApi:
                 raise ApiError(403, "ORIGIN_FORBIDDEN", "cross-origin request refused")
 
     def api_page(self, req, context) -> ApiResponse:
-        return ApiResponse(200, [("Content-Type", "text/html; charset=utf-8"), *_PAGE_HEADERS],
-                           RECEIPTS_PAGE_HTML.encode("utf-8"))
+        return ApiResponse(
+            200,
+            [("Content-Type", "text/html; charset=utf-8"), *_PAGE_HEADERS],
+            RECEIPTS_PAGE_HTML.encode("utf-8"),
+        )
 
     def api_script(self, req, context) -> ApiResponse:
-        return ApiResponse(200, [("Content-Type", "text/javascript; charset=utf-8"),
-                                 *_PAGE_HEADERS], RECEIPTS_PAGE_JS.encode("utf-8"))
+        return ApiResponse(
+            200,
+            [("Content-Type", "text/javascript; charset=utf-8"), *_PAGE_HEADERS],
+            RECEIPTS_PAGE_JS.encode("utf-8"),
+        )
 
     def api_health(self, req, context) -> ApiResponse:
         return json_response(200, {"ok": True})
@@ -5696,19 +6018,26 @@ class ExecutionApi:
             item = button.public()
             item["manifest"] = self._manifest_view(button)
             buttons.append(item)
-        return json_response(200, {"ok": True, "version": self.registry.version,
-                                   "buttons": buttons})
+        return json_response(
+            200, {"ok": True, "version": self.registry.version, "buttons": buttons}
+        )
 
     def _manifest_view(self, button: Button):
         """What the page shows before a launch: the installed manifest's
         risk, billing, effects and permissions (None when not installed)."""
         try:
-            folder = os.path.join(self.store, "spells", id_key(button.spell_id), button.version)
+            folder = os.path.join(
+                self.store, "spells", id_key(button.spell_id), button.version
+            )
             info = os.stat(os.path.join(folder, "spell.yaml"))
         except (OSError, ValueError):
             return None
-        signature = (info.st_mtime_ns, info.st_size, info.st_ino,
-                     os.path.exists(os.path.join(folder, "spell.sig.json")))
+        signature = (
+            info.st_mtime_ns,
+            info.st_size,
+            info.st_ino,
+            os.path.exists(os.path.join(folder, "spell.sig.json")),
+        )
         key = (button.spell_id, button.version)
         with self._manifests_lock:
             cached = self._manifests.get(key)
@@ -5716,12 +6045,20 @@ class ExecutionApi:
             return cached[1]
         try:
             m = load_manifest(folder)
-            view = None if m["id"] != button.spell_id else {
-                "name": m["name"], "summary": m["summary"], "risk": m["risk"],
-                "billing": m["billing"], "effects": m["effects"],
-                "permissions": m["permissions"], "runtime": m["runtime"],
-                "signed": signature[3],
-            }
+            view = (
+                None
+                if m["id"] != button.spell_id
+                else {
+                    "name": m["name"],
+                    "summary": m["summary"],
+                    "risk": m["risk"],
+                    "billing": m["billing"],
+                    "effects": m["effects"],
+                    "permissions": m["permissions"],
+                    "runtime": m["runtime"],
+                    "signed": signature[3],
+                }
+            )
         except (SpellError, OSError):
             view = None
         with self._manifests_lock:
@@ -5731,15 +6068,20 @@ class ExecutionApi:
     def api_create_execution(self, req, context) -> ApiResponse:
         s = self.settings
         if self.jobs.in_flight_count() >= s.max_concurrent_executions:
-            raise ApiError(429, "CONCURRENCY_LIMITED",
-                           f"too many in-flight executions: max {s.max_concurrent_executions}",
-                           [("Retry-After", "1")])
+            raise ApiError(
+                429,
+                "CONCURRENCY_LIMITED",
+                f"too many in-flight executions: max {s.max_concurrent_executions}",
+                [("Retry-After", "1")],
+            )
         self.rate.hit(req.client)
         body = parse_request_body(req.read_body(s.body_limit_bytes))
         validate_create_body(body)
         button = self.registry.by_id.get(body["button_id"])
         if button is None:
-            raise ApiError(404, "BUTTON_NOT_FOUND", f"unknown button_id: {body['button_id']}")
+            raise ApiError(
+                404, "BUTTON_NOT_FOUND", f"unknown button_id: {body['button_id']}"
+            )
         if context.role is not None:
             role = context.role
         elif "actor_role" in body:
@@ -5751,18 +6093,29 @@ class ExecutionApi:
             raise ApiError(403, "ROLE_NOT_ALLOWED", f"actor role not allowed: {role}")
         confirmation = body.get("confirmation") or {}
         if button.risk and not js_truthy(confirmation.get("risk_acknowledged")):
-            raise ApiError(400, "RISK_CONFIRMATION_REQUIRED", "risk confirmation is required")
+            raise ApiError(
+                400, "RISK_CONFIRMATION_REQUIRED", "risk confirmation is required"
+            )
         if button.billing and not js_truthy(confirmation.get("billing_acknowledged")):
-            raise ApiError(400, "BILLING_CONFIRMATION_REQUIRED",
-                           "billing confirmation is required")
+            raise ApiError(
+                400, "BILLING_CONFIRMATION_REQUIRED", "billing confirmation is required"
+            )
         merged = merge_input(button.defaults, body.get("input", {}))
         if len(compact_json(merged).encode("utf-8")) > s.body_limit_bytes:
             raise _too_large(s.body_limit_bytes)
-        row = self.jobs.accept(button, context.tenant, role, merged,
-                               body.get("dry_run") is True)
-        return json_response(202, {"ok": True, "execution_id": row["execution_id"],
-                                   "tenant_id": row["tenant_id"], "status": "queued"},
-                             execution_id=row["execution_id"])
+        row = self.jobs.accept(
+            button, context.tenant, role, merged, body.get("dry_run") is True
+        )
+        return json_response(
+            202,
+            {
+                "ok": True,
+                "execution_id": row["execution_id"],
+                "tenant_id": row["tenant_id"],
+                "status": "queued",
+            },
+            execution_id=row["execution_id"],
+        )
 
     def api_list_executions(self, req, context) -> ApiResponse:
         query = req.query
@@ -5780,23 +6133,35 @@ class ExecutionApi:
         if raw_limit is not None and js_trim(raw_limit):
             limit = _js_integer(raw_limit)
             if limit is None or not 1 <= limit <= API_LIST_MAX_LIMIT:
-                raise ApiError(400, "INVALID_QUERY",
-                               f"invalid limit: must be integer in range 1-{API_LIST_MAX_LIMIT}")
+                raise ApiError(
+                    400,
+                    "INVALID_QUERY",
+                    f"invalid limit: must be integer in range 1-{API_LIST_MAX_LIMIT}",
+                )
         button_id = js_trim(query.get("button_id") or "") or None
         tenant = js_trim(query.get("tenant_id") or "") or None
         if tenant is not None and not _NAME_RE.match(tenant):
             raise ApiError(400, "INVALID_QUERY", f"invalid tenant_id filter: {tenant}")
         if context.scoped:
             if tenant is not None and tenant != context.tenant:
-                raise ApiError(403, "TENANT_FORBIDDEN", f"tenant query denied: {tenant}")
+                raise ApiError(
+                    403, "TENANT_FORBIDDEN", f"tenant query denied: {tenant}"
+                )
             tenant = context.tenant
         rows = self.index.list(statuses, button_id, tenant, limit)
-        return json_response(200, {
-            "ok": True,
-            "filters": {"status": statuses, "button_id": button_id, "tenant_id": tenant,
-                        "limit": limit},
-            "executions": [public_execution(r) for r in rows],
-        })
+        return json_response(
+            200,
+            {
+                "ok": True,
+                "filters": {
+                    "status": statuses,
+                    "button_id": button_id,
+                    "tenant_id": tenant,
+                    "limit": limit,
+                },
+                "executions": [public_execution(r) for r in rows],
+            },
+        )
 
     def api_get_execution(self, req, context) -> ApiResponse:
         execution_id = req.execution_id
@@ -5807,8 +6172,11 @@ class ExecutionApi:
         if row is None or (context.scoped and row["tenant_id"] != context.tenant):
             raise ApiError(404, "EXECUTION_NOT_FOUND", "execution not found")
         receipt = json.loads(row["receipt"]) if row.get("receipt") else None
-        return json_response(200, {"ok": True, "execution": public_execution(row),
-                                   "receipt": receipt}, execution_id=execution_id)
+        return json_response(
+            200,
+            {"ok": True, "execution": public_execution(row), "receipt": receipt},
+            execution_id=execution_id,
+        )
 
 
 def parse_request_body(raw: bytes):
@@ -5818,13 +6186,15 @@ def parse_request_body(raw: bytes):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ApiError(400, "BAD_REQUEST",
-                       f"request body is not valid UTF-8 at byte {exc.start}") from None
+        raise ApiError(
+            400, "BAD_REQUEST", f"request body is not valid UTF-8 at byte {exc.start}"
+        ) from None
     try:
         return parse_json_text(text)
     except RecursionError:
-        raise ApiError(400, "BAD_REQUEST",
-                       f"JSON nested deeper than {JSON_MAX_DEPTH} levels") from None
+        raise ApiError(
+            400, "BAD_REQUEST", f"JSON nested deeper than {JSON_MAX_DEPTH} levels"
+        ) from None
     except ValueError as exc:
         raise ApiError(400, "BAD_REQUEST", str(exc)) from None
 
@@ -5876,8 +6246,9 @@ class _Watchdog:
         self._lock = threading.Lock()
         self._deadlines: dict = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="spell-api-watchdog",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="spell-api-watchdog", daemon=True
+        )
         self._thread.start()
 
     def arm(self, conn, seconds: float) -> None:
@@ -5942,7 +6313,9 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         if len(self.raw_requestline.split()) != 3:
             self.request_version = self.default_request_version
             self.close_connection = True
-            self._respond(error_response(ApiError(400, "BAD_REQUEST", "bad request line")))
+            self._respond(
+                error_response(ApiError(400, "BAD_REQUEST", "bad request line"))
+            )
             return
         sock_file, self.rfile = self.rfile, _io.BytesIO(rest)
         try:
@@ -5951,12 +6324,19 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
             self.rfile = sock_file
         if not parsed:
             return
-        req = ApiRequest(self.command, self.path, self.headers,
-                         client=self.client_address[0] if self.client_address else "unknown",
-                         body_reader=self._read_body)
+        req = ApiRequest(
+            self.command,
+            self.path,
+            self.headers,
+            client=self.client_address[0] if self.client_address else "unknown",
+            body_reader=self._read_body,
+        )
         response = app.handle(req)
-        if self.command == "POST" or self.headers.get("content-length") \
-                or self.headers.get("transfer-encoding"):
+        if (
+            self.command == "POST"
+            or self.headers.get("content-length")
+            or self.headers.get("transfer-encoding")
+        ):
             if not req.body_read:
                 self._discard_body()
         self._respond(response)
@@ -6015,8 +6395,10 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         return "length", int(value)
 
     def _continue(self) -> None:
-        if self.headers.get("expect", "").lower() == "100-continue" \
-                and self.request_version >= "HTTP/1.1":
+        if (
+            self.headers.get("expect", "").lower() == "100-continue"
+            and self.request_version >= "HTTP/1.1"
+        ):
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _read_body(self, limit: int) -> bytes:
@@ -6041,8 +6423,9 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
             return self._read_chunked(limit)
         except OSError:
             self.close_connection = True
-            raise ApiError(408, "REQUEST_TIMEOUT", "request body not received in time") \
-                from None
+            raise ApiError(
+                408, "REQUEST_TIMEOUT", "request body not received in time"
+            ) from None
         finally:
             watchdog.disarm(self.connection)
 
@@ -6099,16 +6482,26 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         except ApiError:
             self.close_connection = True
             return
-        if kind == "chunked" or (kind == "length" and length > 0 and (
+        if kind == "chunked" or (
+            kind == "length"
+            and length > 0
+            and (
                 self.headers.get("expect", "").lower() == "100-continue"
-                or length > API_DRAIN_MAX_BYTES or not self._drain(length))):
+                or length > API_DRAIN_MAX_BYTES
+                or not self._drain(length)
+            )
+        ):
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (bad request line, version, ...):
         a JSON body like every other error, never an HTML page, never 5xx."""
-        codes = {400: "BAD_REQUEST", 408: "REQUEST_TIMEOUT", 414: "URI_TOO_LONG",
-                 431: "HEADERS_TOO_LARGE"}
+        codes = {
+            400: "BAD_REQUEST",
+            408: "REQUEST_TIMEOUT",
+            414: "URI_TOO_LONG",
+            431: "HEADERS_TOO_LARGE",
+        }
         status = code if code in codes else 400
         try:
             text = message or http.HTTPStatus(code).phrase
@@ -6138,8 +6531,9 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         ms = (time.monotonic() - self._started) * 1000 if self._started else 0.0
         path = self.path.split("?", 1)[0] if isinstance(self.path, str) else "-"
-        self.server.app.log.request(self.command or "-", path, response.status, ms,
-                                    response.execution_id)
+        self.server.app.log.request(
+            self.command or "-", path, response.status, ms, response.execution_id
+        )
 
     def log_message(self, format, *args):
         pass  # one JSON line per request is written by _respond
@@ -6153,7 +6547,9 @@ class ApiHTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, app: ExecutionApi):
         host, port = app.settings.host, app.settings.port
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
         self.address_family = infos[0][0]
         self.app = app
         self.watchdog = _Watchdog()
@@ -6173,13 +6569,16 @@ class ApiHTTPServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
-            body = compact_json(error_body(ApiError(
-                503, "SERVER_BUSY", "too many connections"))).encode()
+            body = compact_json(
+                error_body(ApiError(503, "SERVER_BUSY", "too many connections"))
+            ).encode()
             try:
                 request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + _JSON_TYPE.encode()
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                    + _JSON_TYPE.encode()
                     + f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body)
+                    + body
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -6207,9 +6606,12 @@ class ApiServer:
         self.port = http_server.server_address[1]
         name = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{name}:{self.port}"
-        self._thread = threading.Thread(target=http_server.serve_forever,
-                                        kwargs={"poll_interval": 0.2},
-                                        name="spell-api-http", daemon=True)
+        self._thread = threading.Thread(
+            target=http_server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="spell-api-http",
+            daemon=True,
+        )
         self._thread.start()
         self._closed = False
 
@@ -6250,18 +6652,23 @@ def _serve(settings: ApiSettings) -> ApiServer:
         app.close()
         code = errno.errorcode.get(exc.errno or 0, "EIO")
         reason = (exc.strerror or str(exc)).lower()
-        raise SpellError(f"listen {code}: {reason} {settings.host}:{settings.port}") from None
+        raise SpellError(
+            f"listen {code}: {reason} {settings.host}:{settings.port}"
+        ) from None
     except (OverflowError, socket.gaierror) as exc:
         app.close()
-        raise SpellError(f"listen failed: {settings.host}:{settings.port}: {exc}") from None
+        raise SpellError(
+            f"listen failed: {settings.host}:{settings.port}: {exc}"
+        ) from None
     app.jobs.worker.wait_ready(API_WORKER_READY_TIMEOUT_S)
     return ApiServer(app, http_server)
 
 
 def cmd_api(args, io) -> int:
     """`spell api`: serve until SIGINT or SIGTERM; a second signal stops running casts."""
-    settings = api_settings_from_env(io.env, host=args.host, port=args.port,
-                                     registry=args.registry)
+    settings = api_settings_from_env(
+        io.env, host=args.host, port=args.port, registry=args.registry
+    )
     server = _serve(settings)
     host = f"[{server.host}]" if ":" in server.host else server.host
     io.out(f"spell execution api listening on {host}:{server.port}")
@@ -6301,8 +6708,12 @@ def _ref(name: str) -> dict:
 
 
 def _obj(properties: dict, required=(), extra: bool = False) -> dict:
-    return {"type": "object", "properties": properties, "required": list(required),
-            "additionalProperties": extra}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": extra,
+    }
 
 
 def _json_content(schema: dict) -> dict:
@@ -6310,12 +6721,20 @@ def _json_content(schema: dict) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    text = {400: "Invalid request", 401: "Missing or invalid token",
-            403: "Forbidden (role, tenant, host or origin)", 404: "Not found",
-            408: "Request not received in time", 413: "Body or merged input too large",
-            429: "Rate or concurrency limit (see Retry-After)", 500: "Internal error"}
-    return {str(code): dict(description=text[code], **_json_content(_ref("Error")))
-            for code in codes}
+    text = {
+        400: "Invalid request",
+        401: "Missing or invalid token",
+        403: "Forbidden (role, tenant, host or origin)",
+        404: "Not found",
+        408: "Request not received in time",
+        413: "Body or merged input too large",
+        429: "Rate or concurrency limit (see Retry-After)",
+        500: "Internal error",
+    }
+    return {
+        str(code): dict(description=text[code], **_json_content(_ref("Error")))
+        for code in codes
+    }
 
 
 def openapi_document() -> dict:
@@ -6327,91 +6746,237 @@ def openapi_document() -> dict:
     string, boolean = {"type": "string"}, {"type": "boolean"}
     nullable_string = {"type": ["string", "null"]}
     state = {"type": "string", "enum": list(EXECUTION_STATES)}
-    manifest = _obj({
-        "name": string, "summary": string,
-        "risk": {"type": "string", "enum": list(RISKS)},
-        "billing": _obj({"enabled": boolean, "mode": string, "currency": string,
-                         "max_amount": {"type": "number"}},
-                        ("enabled", "mode", "currency", "max_amount")),
-        "effects": {"type": "array", "items": _obj(
-            {"type": string, "target": string, "mutates": boolean},
-            ("type", "target", "mutates"))},
-        "permissions": {"type": "array", "items": _obj(
-            {"connector": string, "scopes": {"type": "array", "items": string}},
-            ("connector", "scopes"))},
-        "runtime": _obj({"execution": string, "platforms": {"type": "array", "items": string},
-                         "docker_image": string}, ("execution", "platforms")),
-        "signed": boolean,
-    }, ("name", "summary", "risk", "billing", "effects", "permissions", "runtime", "signed"))
+    manifest = _obj(
+        {
+            "name": string,
+            "summary": string,
+            "risk": {"type": "string", "enum": list(RISKS)},
+            "billing": _obj(
+                {
+                    "enabled": boolean,
+                    "mode": string,
+                    "currency": string,
+                    "max_amount": {"type": "number"},
+                },
+                ("enabled", "mode", "currency", "max_amount"),
+            ),
+            "effects": {
+                "type": "array",
+                "items": _obj(
+                    {"type": string, "target": string, "mutates": boolean},
+                    ("type", "target", "mutates"),
+                ),
+            },
+            "permissions": {
+                "type": "array",
+                "items": _obj(
+                    {"connector": string, "scopes": {"type": "array", "items": string}},
+                    ("connector", "scopes"),
+                ),
+            },
+            "runtime": _obj(
+                {
+                    "execution": string,
+                    "platforms": {"type": "array", "items": string},
+                    "docker_image": string,
+                },
+                ("execution", "platforms"),
+            ),
+            "signed": boolean,
+        },
+        (
+            "name",
+            "summary",
+            "risk",
+            "billing",
+            "effects",
+            "permissions",
+            "runtime",
+            "signed",
+        ),
+    )
     schemas = {
-        "Error": _obj({"ok": {"const": False}, "error_code": string, "message": string},
-                      ("ok", "error_code", "message")),
+        "Error": _obj(
+            {"ok": {"const": False}, "error_code": string, "message": string},
+            ("ok", "error_code", "message"),
+        ),
         "Health": _obj({"ok": {"const": True}}, ("ok",)),
-        "Manifest": dict(manifest, description=(
-            "The installed bundle's manifest as a launch summary; null when the "
-            "pinned version is not installed.")),
-        "Button": _obj({
-            "button_id": string, "label": string, "description": string,
-            "spell_id": string, "version": string, "defaults": {"type": "object"},
-            "required_confirmations": _obj({"risk": boolean, "billing": boolean},
-                                           ("risk", "billing")),
-            "require_signature": boolean,
-            "allowed_roles": {"type": "array", "items": string, "minItems": 1},
-            "manifest": {"oneOf": [_ref("Manifest"), {"type": "null"}]},
-        }, ("button_id", "label", "description", "spell_id", "version", "defaults",
-            "required_confirmations", "require_signature", "allowed_roles", "manifest")),
-        "ButtonList": _obj({"ok": {"const": True}, "version": {"const": "v1"},
-                            "buttons": {"type": "array", "items": _ref("Button")}},
-                           ("ok", "version", "buttons")),
-        "CreateExecution": _obj({
-            "button_id": dict(string, minLength=1), "dry_run": boolean,
-            "input": {"type": "object", "description": "Deep-merged over the defaults"},
-            "confirmation": {"type": "object", "properties": {
-                "risk_acknowledged": boolean, "billing_acknowledged": boolean}},
-            "actor_role": dict(string, minLength=1, description=(
-                "Ignored when the key binds a role")),
-            "tenant": {"description": "Accepted and ignored"},
-            "tenant_id": {"description": "Accepted and ignored"},
-        }, ("button_id",)),
-        "Accepted": _obj({"ok": {"const": True},
-                          "execution_id": {"type": "string",
-                                           "pattern": "^exec_[0-9]+_[0-9a-f]{8}$"},
-                          "tenant_id": string, "status": {"const": "queued"}},
-                         ("ok", "execution_id", "tenant_id", "status")),
-        "ExecutionSummary": _obj({
-            "execution_id": string, "button_id": string, "spell_id": string,
-            "version": string, "require_signature": boolean, "status": state,
-            "tenant_id": string, "actor_role": string, "created_at": string,
-            "started_at": string, "finished_at": string, "error_code": string,
-            "message": string, "runtime_execution_id": string,
-        }, ("execution_id", "button_id", "spell_id", "version", "require_signature",
-            "status", "tenant_id", "actor_role", "created_at")),
-        "ReceiptStep": _obj({
-            "stepName": string, "uses": string, "started_at": string,
-            "finished_at": string, "success": boolean, "exitCode": {"type": "integer"},
-            "message": string}),
-        "Receipt": dict(_obj({
-            "execution_id": string, "id": string, "version": string,
-            "started_at": string, "finished_at": string, "summary": {"type": "object"},
-            "checks": {"type": "array", "items": _obj(
-                {"type": string, "success": boolean, "message": string}, (), True)},
-            "steps": {"type": "array", "items": _ref("ReceiptStep")},
-            "success": boolean, "error": string, "tenant_id": string,
-        }, ("steps", "tenant_id")), description=(
-            "Sanitized from the cast's log: no input, outputs or raw step output.")),
-        "ExecutionList": _obj({
-            "ok": {"const": True},
-            "filters": _obj({"status": {"type": "array", "items": state},
-                             "button_id": nullable_string, "tenant_id": nullable_string,
-                             "limit": {"type": "integer", "minimum": 1,
-                                       "maximum": API_LIST_MAX_LIMIT}},
-                            ("status", "button_id", "tenant_id", "limit")),
-            "executions": {"type": "array", "items": _ref("ExecutionSummary")},
-        }, ("ok", "filters", "executions")),
-        "ExecutionDetail": _obj({
-            "ok": {"const": True}, "execution": _ref("ExecutionSummary"),
-            "receipt": {"oneOf": [_ref("Receipt"), {"type": "null"}]},
-        }, ("ok", "execution", "receipt")),
+        "Manifest": dict(
+            manifest,
+            description=(
+                "The installed bundle's manifest as a launch summary; null when the "
+                "pinned version is not installed."
+            ),
+        ),
+        "Button": _obj(
+            {
+                "button_id": string,
+                "label": string,
+                "description": string,
+                "spell_id": string,
+                "version": string,
+                "defaults": {"type": "object"},
+                "required_confirmations": _obj(
+                    {"risk": boolean, "billing": boolean}, ("risk", "billing")
+                ),
+                "require_signature": boolean,
+                "allowed_roles": {"type": "array", "items": string, "minItems": 1},
+                "manifest": {"oneOf": [_ref("Manifest"), {"type": "null"}]},
+            },
+            (
+                "button_id",
+                "label",
+                "description",
+                "spell_id",
+                "version",
+                "defaults",
+                "required_confirmations",
+                "require_signature",
+                "allowed_roles",
+                "manifest",
+            ),
+        ),
+        "ButtonList": _obj(
+            {
+                "ok": {"const": True},
+                "version": {"const": "v1"},
+                "buttons": {"type": "array", "items": _ref("Button")},
+            },
+            ("ok", "version", "buttons"),
+        ),
+        "CreateExecution": _obj(
+            {
+                "button_id": dict(string, minLength=1),
+                "dry_run": boolean,
+                "input": {
+                    "type": "object",
+                    "description": "Deep-merged over the defaults",
+                },
+                "confirmation": {
+                    "type": "object",
+                    "properties": {
+                        "risk_acknowledged": boolean,
+                        "billing_acknowledged": boolean,
+                    },
+                },
+                "actor_role": dict(
+                    string,
+                    minLength=1,
+                    description=("Ignored when the key binds a role"),
+                ),
+                "tenant": {"description": "Accepted and ignored"},
+                "tenant_id": {"description": "Accepted and ignored"},
+            },
+            ("button_id",),
+        ),
+        "Accepted": _obj(
+            {
+                "ok": {"const": True},
+                "execution_id": {
+                    "type": "string",
+                    "pattern": "^exec_[0-9]+_[0-9a-f]{8}$",
+                },
+                "tenant_id": string,
+                "status": {"const": "queued"},
+            },
+            ("ok", "execution_id", "tenant_id", "status"),
+        ),
+        "ExecutionSummary": _obj(
+            {
+                "execution_id": string,
+                "button_id": string,
+                "spell_id": string,
+                "version": string,
+                "require_signature": boolean,
+                "status": state,
+                "tenant_id": string,
+                "actor_role": string,
+                "created_at": string,
+                "started_at": string,
+                "finished_at": string,
+                "error_code": string,
+                "message": string,
+                "runtime_execution_id": string,
+            },
+            (
+                "execution_id",
+                "button_id",
+                "spell_id",
+                "version",
+                "require_signature",
+                "status",
+                "tenant_id",
+                "actor_role",
+                "created_at",
+            ),
+        ),
+        "ReceiptStep": _obj(
+            {
+                "stepName": string,
+                "uses": string,
+                "started_at": string,
+                "finished_at": string,
+                "success": boolean,
+                "exitCode": {"type": "integer"},
+                "message": string,
+            }
+        ),
+        "Receipt": dict(
+            _obj(
+                {
+                    "execution_id": string,
+                    "id": string,
+                    "version": string,
+                    "started_at": string,
+                    "finished_at": string,
+                    "summary": {"type": "object"},
+                    "checks": {
+                        "type": "array",
+                        "items": _obj(
+                            {"type": string, "success": boolean, "message": string},
+                            (),
+                            True,
+                        ),
+                    },
+                    "steps": {"type": "array", "items": _ref("ReceiptStep")},
+                    "success": boolean,
+                    "error": string,
+                    "tenant_id": string,
+                },
+                ("steps", "tenant_id"),
+            ),
+            description=(
+                "Sanitized from the cast's log: no input, outputs or raw step output."
+            ),
+        ),
+        "ExecutionList": _obj(
+            {
+                "ok": {"const": True},
+                "filters": _obj(
+                    {
+                        "status": {"type": "array", "items": state},
+                        "button_id": nullable_string,
+                        "tenant_id": nullable_string,
+                        "limit": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": API_LIST_MAX_LIMIT,
+                        },
+                    },
+                    ("status", "button_id", "tenant_id", "limit"),
+                ),
+                "executions": {"type": "array", "items": _ref("ExecutionSummary")},
+            },
+            ("ok", "filters", "executions"),
+        ),
+        "ExecutionDetail": _obj(
+            {
+                "ok": {"const": True},
+                "execution": _ref("ExecutionSummary"),
+                "receipt": {"oneOf": [_ref("Receipt"), {"type": "null"}]},
+            },
+            ("ok", "execution", "receipt"),
+        ),
     }
     secured = [{"bearer": []}, {"apiKey": []}]
 
@@ -6422,46 +6987,115 @@ def openapi_document() -> dict:
         return dict(description=description, **_json_content(schema))
 
     query = [
-        {"name": "status", "in": "query", "schema": string,
-         "description": "Comma-separated states"},
-        {"name": "limit", "in": "query",
-         "schema": {"type": "integer", "minimum": 1, "maximum": API_LIST_MAX_LIMIT}},
+        {
+            "name": "status",
+            "in": "query",
+            "schema": string,
+            "description": "Comma-separated states",
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": API_LIST_MAX_LIMIT},
+        },
         {"name": "button_id", "in": "query", "schema": string},
-        {"name": "tenant_id", "in": "query", "schema": dict(string, pattern=_NAME_RE.pattern)},
+        {
+            "name": "tenant_id",
+            "in": "query",
+            "schema": dict(string, pattern=_NAME_RE.pattern),
+        },
     ]
     paths = {
-        "/": {"get": op("Receipts page", {"200": {
-            "description": "HTML page", "content": {"text/html": {"schema": string}}}})},
-        "/ui/app.js": {"get": op("Receipts page script", {"200": {
-            "description": "Script", "content": {"text/javascript": {"schema": string}}}})},
-        "/api/health": {"get": op("Liveness", {"200": ok("Alive", _ref("Health"))})},
-        "/api/openapi.json": {"get": op("This document", {"200": ok(
-            "OpenAPI 3.1 document", {"type": "object"})})},
-        "/api/buttons": {"get": op("Button registry", dict(
-            {"200": ok("Buttons in registry order", _ref("ButtonList"))},
-            **_errors(401, 500)), security=secured)},
-        "/api/spell-executions": {
-            "post": op("Run a button", dict(
-                {"202": ok("Accepted and queued", _ref("Accepted"))},
-                **_errors(400, 401, 403, 404, 408, 413, 429, 500)),
-                security=secured, requestBody={
-                    "required": False, **_json_content(_ref("CreateExecution"))}),
-            "get": op("List executions, newest first", dict(
-                {"200": ok("Executions", _ref("ExecutionList"))},
-                **_errors(400, 401, 403, 500)), security=secured, parameters=query),
+        "/": {
+            "get": op(
+                "Receipts page",
+                {
+                    "200": {
+                        "description": "HTML page",
+                        "content": {"text/html": {"schema": string}},
+                    }
+                },
+            )
         },
-        "/api/spell-executions/{execution_id}": {"get": op(
-            "One execution and its receipt", dict(
-                {"200": ok("Execution", _ref("ExecutionDetail"))},
-                **_errors(400, 401, 404, 500)), security=secured, parameters=[
-                {"name": "execution_id", "in": "path", "required": True,
-                 "schema": dict(string, pattern=_EXECUTION_ID_RE.pattern)}])},
+        "/ui/app.js": {
+            "get": op(
+                "Receipts page script",
+                {
+                    "200": {
+                        "description": "Script",
+                        "content": {"text/javascript": {"schema": string}},
+                    }
+                },
+            )
+        },
+        "/api/health": {"get": op("Liveness", {"200": ok("Alive", _ref("Health"))})},
+        "/api/openapi.json": {
+            "get": op(
+                "This document", {"200": ok("OpenAPI 3.1 document", {"type": "object"})}
+            )
+        },
+        "/api/buttons": {
+            "get": op(
+                "Button registry",
+                dict(
+                    {"200": ok("Buttons in registry order", _ref("ButtonList"))},
+                    **_errors(401, 500),
+                ),
+                security=secured,
+            )
+        },
+        "/api/spell-executions": {
+            "post": op(
+                "Run a button",
+                dict(
+                    {"202": ok("Accepted and queued", _ref("Accepted"))},
+                    **_errors(400, 401, 403, 404, 408, 413, 429, 500),
+                ),
+                security=secured,
+                requestBody={
+                    "required": False,
+                    **_json_content(_ref("CreateExecution")),
+                },
+            ),
+            "get": op(
+                "List executions, newest first",
+                dict(
+                    {"200": ok("Executions", _ref("ExecutionList"))},
+                    **_errors(400, 401, 403, 500),
+                ),
+                security=secured,
+                parameters=query,
+            ),
+        },
+        "/api/spell-executions/{execution_id}": {
+            "get": op(
+                "One execution and its receipt",
+                dict(
+                    {"200": ok("Execution", _ref("ExecutionDetail"))},
+                    **_errors(400, 401, 404, 500),
+                ),
+                security=secured,
+                parameters=[
+                    {
+                        "name": "execution_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": dict(string, pattern=_EXECUTION_ID_RE.pattern),
+                    }
+                ],
+            )
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "spell Execution API", "version": __version__, "description": (
-            "Runs registry buttons as spell casts and serves their receipts. Every "
-            "/api route is also served without the /api prefix.")},
+        "info": {
+            "title": "spell Execution API",
+            "version": __version__,
+            "description": (
+                "Runs registry buttons as spell casts and serves their receipts. Every "
+                "/api route is also served without the /api prefix."
+            ),
+        },
         "paths": paths,
         "components": {
             "schemas": schemas,
@@ -6823,7 +7457,8 @@ function updateGuardHints() {
   if (needs.risk) asks.push("risk consent");
   if (needs.billing) asks.push("billing consent");
   $("guardHint").textContent =
-    (asks.length ? `Asks for ${asks.join(" and ")} before it runs.` : "Runs without a consent step.") +
+    (asks.length ? `Asks for ${asks.join(" and ")} before it runs.`
+      : "Runs without a consent step.") +
     (button.require_signature ? " Requires a signed bundle." : "");
   $("roleHint").textContent = `Allowed roles: ${(button.allowed_roles || []).join(", ")}`;
 }
@@ -6898,7 +7533,9 @@ function openConfirmation(launch) {
   const checks = $("confirmChecks");
   checks.replaceChildren();
   const boxes = [];
-  if (needs.risk) boxes.push(["riskAck", `I accept the ${m ? m.risk : "declared"} risk of this spell.`]);
+  if (needs.risk) {
+    boxes.push(["riskAck", `I accept the ${m ? m.risk : "declared"} risk of this spell.`]);
+  }
   if (needs.billing) boxes.push(["billingAck", "I accept that this spell may bill."]);
   for (const [id, text] of boxes) {
     const box = el("input", { type: "checkbox", id });
@@ -7035,9 +7672,11 @@ function renderDetail(body) {
       el("span", { id: "detailStatus", className: `status ${ex.status}` }, ex.status),
       el("strong", {}, ex.button_id),
       el("span", { className: "meta" }, `${ex.spell_id}@${ex.version}`)),
-    el("div", { className: "meta" }, `${ex.execution_id} · role ${ex.actor_role} · tenant ${ex.tenant_id}`),
     el("div", { className: "meta" },
-      `created ${when(ex.created_at)}` + (ex.finished_at ? ` · finished ${when(ex.finished_at)}` : "")),
+      `${ex.execution_id} · role ${ex.actor_role} · tenant ${ex.tenant_id}`),
+    el("div", { className: "meta" },
+      `created ${when(ex.created_at)}` +
+      (ex.finished_at ? ` · finished ${when(ex.finished_at)}` : "")),
   );
   if (ex.message && ex.status !== "succeeded") {
     const holder = el("div", { id: "detailMessage" });
@@ -7065,7 +7704,8 @@ function renderDetail(body) {
         steps));
     const checks = el("ul", { id: "receiptChecks" });
     for (const check of receipt.checks || []) {
-      checks.append(el("li", {}, `${check.success ? "✓" : "✗"} ${check.type}: ${check.message}`));
+      const mark = check.success ? "✓" : "✗";
+      checks.append(el("li", {}, `${mark} ${check.type}: ${check.message}`));
     }
     box.append(el("h3", {}, "Checks"), checks);
     if (receipt.error) box.append(el("p", { className: "message error" }, receipt.error));
@@ -7131,8 +7771,6 @@ function start() {
 
 start();
 """
-
-
 # Command line ################################################################
 
 
