@@ -2478,17 +2478,11 @@ def find_matching_license(billing: dict, now) -> str | None:
     return None
 
 
-def _utc_now():
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
 def cmd_license_add(args, io) -> int:
     name = _license_name(args.name)
     if not js_trim(args.token):
         raise LicenseError("license token must be non-empty")
-    parsed = verify_entitlement_token(args.token, _utc_now())
+    parsed = verify_entitlement_token(args.token, time.time())
     path = license_path(name)
     existing = _load_license(path, name, strict=True)
     now = iso_now()
