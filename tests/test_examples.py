@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -662,13 +664,137 @@ def test_registry_schema_refuses(name):
     assert list(_registry_validator().iter_errors(INVALID_REGISTRIES[name])) != []
 
 
-def test_the_api_loads_the_example_registry():
+def _api_function(name: str):
     import spell
 
-    loader = getattr(spell, "load_button_registry", None)
-    if loader is None:
-        pytest.skip("spell.load_button_registry(path) is not in spell.py yet")
-    registry = loader(str(REGISTRY))
-    text = json.dumps(registry, default=lambda value: getattr(value, "__dict__", None))
-    for button_id in _buttons():
-        assert button_id in text
+    function = getattr(spell, name, None)
+    if function is None:
+        pytest.skip(f"spell.{name} is not in spell.py yet")
+    return function
+
+
+def test_the_api_loads_the_example_registry():
+    registry = _api_function("load_button_registry")(str(REGISTRY))
+    assert registry.version == "v1"
+    assert [button.button_id for button in registry.buttons] == list(_buttons())
+    for button_id, raw in _buttons().items():
+        public = registry.by_id[button_id].public()
+        assert public == {
+            "button_id": button_id,
+            "label": raw.get("label", button_id),
+            "description": raw.get("description", ""),
+            "spell_id": raw["spell_id"],
+            "version": raw["version"],
+            "defaults": raw["defaults"],
+            "required_confirmations": raw["required_confirmations"],
+            "require_signature": raw.get("require_signature", False),
+            "allowed_roles": raw["allowed_roles"],
+        }
+
+
+# The registry through the Execution API #######################################
+
+
+@pytest.fixture
+def api(installed, monkeypatch):
+    """The Execution API on 127.0.0.1 with the example registry and the samples."""
+    start = _api_function("start_execution_api_server")
+    for name in list(os.environ):
+        if name.startswith(_STEERING + ("SPELL_BUTTON_",)):
+            monkeypatch.delenv(name)
+    server = start(registryPath=str(REGISTRY), quiet=True)
+    yield server
+    server.close(cancel=True)
+
+
+def _call(server, method: str, path: str, body=None) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        data = None if body is None else json.dumps(body)
+        headers = {"content-type": "application/json"} if data else {}
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def _press(server, body: dict) -> dict:
+    """POST an execution, wait until it ends, return its detail."""
+    status, accepted = _call(server, "POST", "/api/spell-executions", body)
+    assert (status, accepted["status"]) == (202, "queued"), accepted
+    deadline = time.monotonic() + 60
+    while True:
+        path = f"/api/spell-executions/{accepted['execution_id']}"
+        status, detail = _call(server, "GET", path)
+        assert status == 200, detail
+        if detail["execution"]["status"] not in ("queued", "running"):
+            return detail
+        if time.monotonic() > deadline:
+            pytest.fail(f"execution did not end: {detail}")
+        time.sleep(0.05)
+
+
+def test_api_lists_the_example_buttons(api):
+    status, body = _call(api, "GET", "/api/buttons")
+    assert status == 200
+    assert [button["button_id"] for button in body["buttons"]] == list(_buttons())
+
+
+def test_api_says_hello_to_anyone(api):
+    """What examples/demo.sh does: no auth, no role, the hello button."""
+    detail = _press(api, {"button_id": "say_hello", "input": {"name": "api"}})
+    execution, receipt = detail["execution"], detail["receipt"]
+    assert (execution["status"], execution["actor_role"]) == ("succeeded", "anonymous")
+    assert receipt["id"] == "samples/hello" and receipt["success"] is True
+    assert [step["stepName"] for step in receipt["steps"]] == ["hello"]
+
+
+def test_api_publishes_the_site_only_with_a_risk_confirmation(api, store):
+    press = {"button_id": "publish_site_high_risk", "actor_role": "admin"}
+    status, body = _call(api, "POST", "/api/spell-executions", press)
+    assert (status, body["error_code"]) == (400, "RISK_CONFIRMATION_REQUIRED")
+
+    confirmed = {
+        **press,
+        "input": {"site_name": "api-demo"},
+        "confirmation": {"risk_acknowledged": True},
+    }
+    detail = _press(api, confirmed)
+    assert detail["execution"]["status"] == "succeeded", detail
+    receipt = detail["receipt"]
+    assert "stdout_head" not in json.dumps(receipt)
+    page = installed_dir(store, "samples/publish-site") / "artifacts/site/index.html"
+    assert "api-demo" in page.read_text(encoding="utf-8")
+    assert [check["type"] for check in receipt["checks"]] == [
+        "exit_code",
+        "file_exists",
+    ]
+
+
+def test_api_repo_ops_fails_without_the_token(api):
+    detail = _press(api, {"button_id": "repo_ops_guarded", "actor_role": "admin"})
+    execution = detail["execution"]
+    assert (execution["status"], execution["error_code"]) == (
+        "failed",
+        "CONNECTOR_TOKEN_MISSING",
+    )
+
+
+def test_api_calls_the_webhook_with_merged_defaults(api):
+    receiver = _load_receiver().Receiver(("127.0.0.1", 0))
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        given = {"webhook_url": receiver.base_url + "/hook", "payload": {"build": 7}}
+        press = {"button_id": "call_webhook_demo", "actor_role": "operator"}
+        detail = _press(api, {**press, "input": given})
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    assert detail["execution"]["status"] == "succeeded", detail
+    (request,) = receiver.received
+    assert request["body"] == {
+        "event": "deploy",
+        "source": "manual",
+        "payload": {"service": "web", "build": 7},
+    }
