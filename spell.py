@@ -3720,6 +3720,7 @@ import tempfile
 import threading
 import urllib.parse
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 #: Stand-alone defaults (`spell api`); the embedding function binds port 0.
@@ -4321,6 +4322,14 @@ def compact_json(value) -> str:
     return spell_runner.dumps_js(value)
 
 
+def plain_json(value) -> str:
+    """``compact_json`` through the C encoder, for values made only of text,
+    booleans, integers and null read back from the index.  For those the two
+    agree byte for byte (floats and lone surrogates are where they differ, and
+    SQLite text holds no lone surrogates); this one is several times faster."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 # Execution index ---------------------------------------------------------------
 
 #: Keys of an execution summary, in the order the API shows them.
@@ -4366,7 +4375,8 @@ CREATE TABLE IF NOT EXISTS executions (
     proc_start TEXT
 );
 CREATE INDEX IF NOT EXISTS executions_created ON executions (created_at);
-CREATE INDEX IF NOT EXISTS executions_status ON executions (status);
+CREATE INDEX IF NOT EXISTS executions_status ON executions (status, created_at);
+CREATE INDEX IF NOT EXISTS executions_button ON executions (button_id, created_at);
 CREATE INDEX IF NOT EXISTS executions_tenant ON executions (tenant_id, created_at);
 CREATE INDEX IF NOT EXISTS executions_age ON executions (coalesce(finished_at, created_at));
 """
@@ -4382,6 +4392,8 @@ class ExecutionIndex:
     """
 
     FILE_NAME = "index.sqlite3"
+    #: Bumped when the table changes, so a later version can migrate.
+    SCHEMA_VERSION = 1
 
     def __init__(self, logs_dir: str):
         self.path = os.path.join(logs_dir, self.FILE_NAME)
@@ -4394,8 +4406,11 @@ class ExecutionIndex:
         )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed acceptance survives power loss, not just a crash.
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: in WAL mode a commit survives a crash of this process; the
+        # acceptance itself is written with FULL (see insert).
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            self._db.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
         self._db.executescript(_INDEX_SCHEMA)
         if created:
             self._import_legacy(os.path.join(logs_dir, "index.json"))
@@ -4415,7 +4430,13 @@ class ExecutionIndex:
             f"INSERT INTO executions ({', '.join(keys)}) "
             f"VALUES ({', '.join('?' for _ in keys)})"
         )
-        self._write(sql, [record[k] for k in keys])
+        with self._lock:
+            # An accepted execution must survive even a power loss: sync it.
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                self._db.execute(sql, [record[k] for k in keys])
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
 
     def update(self, execution_id: str, **values) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
@@ -4432,24 +4453,33 @@ class ExecutionIndex:
         return dict(row) if row else None
 
     def list(self, statuses, button_id, tenant_id, limit: int) -> list[dict]:
-        """Executions matching every filter, newest first (ties: oldest insert first)."""
+        """Executions matching every filter, newest first (ties: oldest insert first).
+
+        Each status is read on its own through the (status, created_at) index
+        and the answers are merged: one query with ``status IN (...)`` would
+        sort every matching row before applying the limit.
+        """
         where, args = [], []
-        if statuses:
-            where.append(f"status IN ({', '.join('?' for _ in statuses)})")
-            args.extend(statuses)
         if button_id is not None:
             where.append("button_id = ?")
             args.append(button_id)
         if tenant_id is not None:
             where.append("tenant_id = ?")
             args.append(tenant_id)
-        sql = "SELECT * FROM executions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, seq ASC LIMIT ?"
+        rows = []
         with self._lock:
-            rows = self._db.execute(sql, [*args, limit]).fetchall()
-        return [dict(r) for r in rows]
+            for status in statuses or [None]:
+                clauses = where if status is None else ["status = ?", *where]
+                values = args if status is None else [status, *args]
+                sql = "SELECT * FROM executions"
+                if clauses:
+                    sql += " WHERE " + " AND ".join(clauses)
+                sql += " ORDER BY created_at DESC, seq ASC LIMIT ?"
+                rows += self._db.execute(sql, [*values, limit]).fetchall()
+        if len(statuses) > 1:
+            rows.sort(key=lambda r: r["seq"])
+            rows.sort(key=lambda r: r["created_at"], reverse=True)
+        return [dict(r) for r in rows[:limit]]
 
     def unfinished(self) -> list[dict]:
         with self._lock:
@@ -5310,7 +5340,11 @@ class JobRunner:
         self._since: dict[str, float] = {}
         #: Variables every cast gets on top of the server's environment.
         self.extra_env: dict[str, str] = {}
-        self._threads: dict[str, threading.Thread] = {}
+        # One thread per in-flight execution, reused: no thread start on a POST.
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, settings.max_concurrent_executions),
+            thread_name_prefix="spell-api-job",
+        )
         self._accepting = True
         self._cancelled = False
         env = dict(os.environ)
@@ -5365,15 +5399,8 @@ class JobRunner:
                     continue  # 32 random bits met an existing id: draw again
             self._in_flight[row["execution_id"]] = row
             self._since[row["execution_id"]] = time.time()
-            thread = threading.Thread(
-                target=self._run,
-                args=(row, button, merged, dry_run),
-                name=f"spell-api-{row['execution_id']}",
-                daemon=True,
-            )
-            self._threads[row["execution_id"]] = thread
-        self.log.execution(row)
-        thread.start()
+            self.log.execution(row)
+            self._pool.submit(self._run, row, button, merged, dry_run)
         return row
 
     def _run(self, row: dict, button: Button, merged: dict, dry_run: bool) -> None:
@@ -5394,7 +5421,6 @@ class JobRunner:
             with self._lock:
                 self._in_flight.pop(row["execution_id"], None)
                 self._since.pop(row["execution_id"], None)
-                self._threads.pop(row["execution_id"], None)
             try:
                 self._retention()
             except Exception as exc:
@@ -5542,6 +5568,11 @@ class JobRunner:
         self._finish(row, status, code, message, **fields)
 
     def _finish(self, row, status, code, message, **fields) -> None:
+        """Record the end of an execution; its processes are gone, so its
+        in-flight slot is freed before the row says so."""
+        with self._lock:
+            self._in_flight.pop(row["execution_id"], None)
+            self._since.pop(row["execution_id"], None)
         row.update(
             status=status,
             finished_at=iso_now(),
@@ -5563,7 +5594,6 @@ class JobRunner:
         """Stop accepting; wait for running executions (or stop them) and the worker."""
         with self._lock:
             self._accepting = False
-            threads = list(self._threads.values())
             running = list(self._in_flight)
         if cancel and running:
             self._cancelled = True
@@ -5572,8 +5602,7 @@ class JobRunner:
                 for r in (self.index.get(e) or {} for e in running)
             ]
             stop_execution_processes(running, pids, self.settings.kill_grace_ms / 1000)
-        for thread in threads:
-            thread.join()
+        self._pool.shutdown(wait=True)
         self.worker.close(self.settings.kill_grace_ms / 1000 + 5)
 
 
@@ -5715,8 +5744,11 @@ _PAGE_HEADERS = [
 ]
 
 
-def json_response(status: int, value, headers=(), execution_id=None) -> ApiResponse:
-    body = compact_json(value).encode("utf-8")
+def json_response(
+    status: int, value, headers=(), execution_id=None, *, text: str | None = None
+) -> ApiResponse:
+    """A JSON answer of ``value``, or of ``text`` when it is already encoded."""
+    body = (compact_json(value) if text is None else text).encode("utf-8")
     return ApiResponse(
         status,
         [("Content-Type", _JSON_TYPE), *_API_HEADERS, *headers],
@@ -6157,7 +6189,8 @@ class ExecutionApi:
         rows = self.index.list(statuses, button_id, tenant, limit)
         return json_response(
             200,
-            {
+            None,
+            text=plain_json({
                 "ok": True,
                 "filters": {
                     "status": statuses,
@@ -6166,7 +6199,7 @@ class ExecutionApi:
                     "limit": limit,
                 },
                 "executions": [public_execution(r) for r in rows],
-            },
+            }),
         )
 
     def api_get_execution(self, req, context) -> ApiResponse:
@@ -6177,12 +6210,12 @@ class ExecutionApi:
         # A scoped caller cannot tell another tenant's execution from none.
         if row is None or (context.scoped and row["tenant_id"] != context.tenant):
             raise ApiError(404, "EXECUTION_NOT_FOUND", "execution not found")
-        receipt = json.loads(row["receipt"]) if row.get("receipt") else None
-        return json_response(
-            200,
-            {"ok": True, "execution": public_execution(row), "receipt": receipt},
-            execution_id=execution_id,
+        # The receipt is stored as the compact JSON it is served as.
+        text = (
+            f'{{"ok":true,"execution":{plain_json(public_execution(row))},'
+            f'"receipt":{row.get("receipt") or "null"}}}'
         )
+        return json_response(200, None, execution_id=execution_id, text=text)
 
 
 def parse_request_body(raw: bytes):
