@@ -6190,16 +6190,18 @@ class ExecutionApi:
         return json_response(
             200,
             None,
-            text=plain_json({
-                "ok": True,
-                "filters": {
-                    "status": statuses,
-                    "button_id": button_id,
-                    "tenant_id": tenant,
-                    "limit": limit,
-                },
-                "executions": [public_execution(r) for r in rows],
-            }),
+            text=plain_json(
+                {
+                    "ok": True,
+                    "filters": {
+                        "status": statuses,
+                        "button_id": button_id,
+                        "tenant_id": tenant,
+                        "limit": limit,
+                    },
+                    "executions": [public_execution(r) for r in rows],
+                }
+            ),
         )
 
     def api_get_execution(self, req, context) -> ApiResponse:

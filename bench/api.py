@@ -61,21 +61,39 @@ class Connection:
 
 def registry(folder: Path) -> Path:
     def button(button_id, spell_id, defaults):
-        return {"button_id": button_id, "spell_id": spell_id, "version": "1.0.0",
-                "defaults": defaults, "allowed_roles": ["admin"],
-                "required_confirmations": {"risk": False, "billing": False}}
+        return {
+            "button_id": button_id,
+            "spell_id": spell_id,
+            "version": "1.0.0",
+            "defaults": defaults,
+            "allowed_roles": ["admin"],
+            "required_confirmations": {"risk": False, "billing": False},
+        }
 
     path = folder / "registry.json"
-    path.write_text(json.dumps({"version": "v1", "buttons": [
-        button("hello", "fixtures/hello-host", {"name": "bench"}),
-        button("slow", "fixtures/slow", {"ms": 4000}),
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "version": "v1",
+                "buttons": [
+                    button("hello", "fixtures/hello-host", {"name": "bench"}),
+                    button("slow", "fixtures/slow", {"ms": 4000}),
+                ],
+            }
+        )
+    )
     return path
 
 
 def start(reg: Path, **options):
-    settings = dict(registryPath=str(reg), quiet=True, maxConcurrentExecutions=64,
-                    rateLimitMaxRequests=10**9, logRetentionDays=0, logMaxFiles=0)
+    settings = dict(
+        registryPath=str(reg),
+        quiet=True,
+        maxConcurrentExecutions=64,
+        rateLimitMaxRequests=10**9,
+        logRetentionDays=0,
+        logMaxFiles=0,
+    )
     settings.update(options)
     return spell.start_execution_api_server(**settings)
 
@@ -116,17 +134,21 @@ def bench_buttons(port: int, total: int, clients: int) -> None:
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=worker, args=(total // clients,))
-               for _ in range(clients)]
+    threads = [
+        threading.Thread(target=worker, args=(total // clients,))
+        for _ in range(clients)
+    ]
     t0 = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - t0
-    print(f"GET /api/buttons: {len(latencies) / elapsed:.0f} req/s over {len(latencies)} "
-          f"requests, {clients} keep-alive clients; p50 {percentile(latencies, 50) * 1000:.2f} ms, "
-          f"p99 {percentile(latencies, 99) * 1000:.2f} ms")
+    print(
+        f"GET /api/buttons: {len(latencies) / elapsed:.0f} req/s over {len(latencies)} "
+        f"requests, {clients} keep-alive clients; p50 {percentile(latencies, 50) * 1000:.2f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.2f} ms"
+    )
 
 
 def post_latencies(port: int, count: int, pause_s: float = 0.02) -> tuple[list, list]:
@@ -138,9 +160,11 @@ def post_latencies(port: int, count: int, pause_s: float = 0.02) -> tuple[list, 
             if time.monotonic() > deadline:
                 break
             t0 = time.perf_counter()
-            status, body = conn.call("POST", "/api/spell-executions",
-                                     {"button_id": "hello", "actor_role": "admin",
-                                      "dry_run": True})
+            status, body = conn.call(
+                "POST",
+                "/api/spell-executions",
+                {"button_id": "hello", "actor_role": "admin", "dry_run": True},
+            )
             latencies.append(time.perf_counter() - t0)
             assert status == 202, body
             ids.append(body["execution_id"])
@@ -151,15 +175,22 @@ def post_latencies(port: int, count: int, pause_s: float = 0.02) -> tuple[list, 
 
 
 def report_posts(label: str, latencies: list) -> None:
-    print(f"POST accept {label}: p50 {percentile(latencies, 50) * 1000:.2f} ms, "
-          f"p99 {percentile(latencies, 99) * 1000:.2f} ms over {len(latencies)} requests")
+    print(
+        f"POST accept {label}: p50 {percentile(latencies, 50) * 1000:.2f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.2f} ms over {len(latencies)} requests"
+    )
 
 
 def bench_post_under_load(port: int, count: int) -> None:
     conn = Connection(port)
-    slow = [conn.call("POST", "/api/spell-executions",
-                      {"button_id": "slow", "actor_role": "admin"})[1]["execution_id"]
-            for _ in range(8)]
+    slow = [
+        conn.call(
+            "POST",
+            "/api/spell-executions",
+            {"button_id": "slow", "actor_role": "admin"},
+        )[1]["execution_id"]
+        for _ in range(8)
+    ]
     conn.close()
     time.sleep(0.5)
     latencies, ids = post_latencies(port, count)
@@ -176,8 +207,11 @@ def bench_throughput(port: int, total: int, parallel: int = 8) -> None:
     launched = 0
     while done < total and time.monotonic() < deadline:
         while launched < total and len(running) < parallel:
-            status, body = conn.call("POST", "/api/spell-executions",
-                                     {"button_id": "hello", "actor_role": "admin"})
+            status, body = conn.call(
+                "POST",
+                "/api/spell-executions",
+                {"button_id": "hello", "actor_role": "admin"},
+            )
             assert status == 202, body
             running.append(body["execution_id"])
             launched += 1
@@ -191,8 +225,10 @@ def bench_throughput(port: int, total: int, parallel: int = 8) -> None:
         time.sleep(0.01)
     elapsed = time.perf_counter() - t0
     conn.close()
-    print(f"executions of hello-host: {done / elapsed:.1f} per second "
-          f"({done} casts, {parallel} at a time, {elapsed:.1f} s)")
+    print(
+        f"executions of hello-host: {done / elapsed:.1f} per second "
+        f"({done} casts, {parallel} at a time, {elapsed:.1f} s)"
+    )
 
 
 def fill_index(store: Path, rows: int) -> None:
@@ -202,43 +238,63 @@ def fill_index(store: Path, rows: int) -> None:
     statuses = ("succeeded", "failed", "timeout")
 
     def row(i):
-        created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((base + i * 1000) / 1000))
-        return (f"exec_{base + i}_{i:08x}", "hello" if i % 2 else "slow",
-                "fixtures/hello-host", "1.0.0", 0, statuses[i % 3],
-                f"tenant_{i % 10}", "admin", created + ".000Z", created + ".100Z",
-                created + ".900Z", "completed")
+        created = time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.gmtime((base + i * 1000) / 1000)
+        )
+        return (
+            f"exec_{base + i}_{i:08x}",
+            "hello" if i % 2 else "slow",
+            "fixtures/hello-host",
+            "1.0.0",
+            0,
+            statuses[i % 3],
+            f"tenant_{i % 10}",
+            "admin",
+            created + ".000Z",
+            created + ".100Z",
+            created + ".900Z",
+            "completed",
+        )
 
     db.execute("BEGIN")
     db.executemany(
         "INSERT INTO executions (execution_id, button_id, spell_id, version, "
         "require_signature, status, tenant_id, actor_role, created_at, started_at, "
         "finished_at, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (row(i) for i in range(rows)))
+        (row(i) for i in range(rows)),
+    )
     db.execute("COMMIT")
     db.close()
 
 
 def bench_list(port: int, count: int) -> None:
     conn = Connection(port)
-    for query in ("", "?status=succeeded&limit=500", "?button_id=hello&tenant_id=tenant_3",
-                  "?status=queued"):
+    for query in (
+        "",
+        "?status=succeeded&limit=500",
+        "?button_id=hello&tenant_id=tenant_3",
+        "?status=queued",
+    ):
         latencies = []
         for _ in range(count):
             t0 = time.perf_counter()
             status, body = conn.call("GET", f"/api/spell-executions{query}")
             latencies.append(time.perf_counter() - t0)
             assert status == 200
-        print(f"GET /api/spell-executions{query or ' (limit 100)'} with 100,000 in the "
-              f"index: p50 {percentile(latencies, 50) * 1000:.2f} ms, "
-              f"p99 {percentile(latencies, 99) * 1000:.2f} ms "
-              f"({len(body['executions'])} rows per answer)")
+        print(
+            f"GET /api/spell-executions{query or ' (limit 100)'} with 100,000 in the "
+            f"index: p50 {percentile(latencies, 50) * 1000:.2f} ms, "
+            f"p99 {percentile(latencies, 99) * 1000:.2f} ms "
+            f"({len(body['executions'])} rows per answer)"
+        )
     conn.close()
 
 
 def install(*names: str) -> None:
     for name in names:
-        code = spell.main(["install", str(SPELLS / name)], stdout=io.StringIO(),
-                          stderr=io.StringIO())
+        code = spell.main(
+            ["install", str(SPELLS / name)], stdout=io.StringIO(), stderr=io.StringIO()
+        )
         assert code == 0, name
 
 

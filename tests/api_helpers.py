@@ -26,8 +26,13 @@ if str(ROOT) not in sys.path:
 import spell  # noqa: E402  (needs the path above)
 
 #: Variables of the developer's shell that would change what the API or a cast does.
-_DROPPED_PREFIXES = ("SPELL_API_", "SPELL_RUNTIME_", "SPELL_DOCKER_", "CONNECTOR_",
-                     "SPELL_BUTTON_")
+_DROPPED_PREFIXES = (
+    "SPELL_API_",
+    "SPELL_RUNTIME_",
+    "SPELL_DOCKER_",
+    "CONNECTOR_",
+    "SPELL_BUTTON_",
+)
 #: How long a test waits for an execution to end (casts take ~0.2 s here).
 WAIT_S = 30.0
 
@@ -35,7 +40,10 @@ WAIT_S = 30.0
 def button(button_id: str, spell_id: str, **extra) -> dict:
     """A registry entry with permissive defaults (admin and operator may run it)."""
     entry = {
-        "button_id": button_id, "spell_id": spell_id, "version": "1.0.0", "defaults": {},
+        "button_id": button_id,
+        "spell_id": spell_id,
+        "version": "1.0.0",
+        "defaults": {},
         "required_confirmations": {"risk": False, "billing": False},
         "allowed_roles": ["admin", "operator"],
     }
@@ -45,16 +53,32 @@ def button(button_id: str, spell_id: str, **extra) -> dict:
 
 #: The registry most tests use, over the shared fixture bundles.
 DEFAULT_BUTTONS = [
-    button("hello", "fixtures/hello-host", label="Say hello",
-           description="Prints a greeting", defaults={"name": "api"}),
+    button(
+        "hello",
+        "fixtures/hello-host",
+        label="Say hello",
+        description="Prints a greeting",
+        defaults={"name": "api"},
+    ),
     button("slow", "fixtures/slow", defaults={"ms": 300}),
-    button("risky", "fixtures/risk-high", allowed_roles=["admin"],
-           required_confirmations={"risk": True, "billing": False}),
+    button(
+        "risky",
+        "fixtures/risk-high",
+        allowed_roles=["admin"],
+        required_confirmations={"risk": True, "billing": False},
+    ),
     button("fail", "fixtures/fail"),
-    button("billing", "fixtures/billing",
-           required_confirmations={"risk": False, "billing": True}),
-    button("signed_only", "fixtures/hello-host", require_signature=True,
-           defaults={"name": "sig"}),
+    button(
+        "billing",
+        "fixtures/billing",
+        required_confirmations={"risk": False, "billing": True},
+    ),
+    button(
+        "signed_only",
+        "fixtures/hello-host",
+        require_signature=True,
+        defaults={"name": "sig"},
+    ),
     button("secret", "fixtures/secret-echo"),
 ]
 INSTALLED = ("hello-host", "slow", "risk-high", "fail", "billing", "secret-echo")
@@ -62,7 +86,9 @@ INSTALLED = ("hello-host", "slow", "risk-high", "fail", "billing", "secret-echo"
 
 def write_registry(folder: Path, buttons=None, name="registry.json") -> Path:
     path = Path(folder) / name
-    path.write_text(json.dumps({"version": "v1", "buttons": buttons or DEFAULT_BUTTONS}))
+    path.write_text(
+        json.dumps({"version": "v1", "buttons": buttons or DEFAULT_BUTTONS})
+    )
     return path
 
 
@@ -72,7 +98,9 @@ def install(*names: str) -> None:
 
     for name in names:
         err = io.StringIO()
-        code = spell.main(["install", str(SPELLS / name)], stdout=io.StringIO(), stderr=err)
+        code = spell.main(
+            ["install", str(SPELLS / name)], stdout=io.StringIO(), stderr=err
+        )
         assert code == 0, err.getvalue()
 
 
@@ -132,8 +160,11 @@ def app_factory(api_env, registry):
 
 def call(app, method: str, target: str, body=None, headers=None, client="127.0.0.1"):
     """Run one request through an app without sockets; returns (status, json)."""
-    raw = body if isinstance(body, bytes) else (
-        b"" if body is None else json.dumps(body).encode())
+    raw = (
+        body
+        if isinstance(body, bytes)
+        else (b"" if body is None else json.dumps(body).encode())
+    )
     response = app.handle(spell.ApiRequest(method, target, headers or {}, raw, client))
     return response.status, response.json()
 
@@ -146,7 +177,9 @@ class Client:
         self.port = server.port if hasattr(server, "port") else server
         self.token = token
 
-    def request(self, method: str, path: str, body=None, headers=None, raw: bytes = None):
+    def request(
+        self, method: str, path: str, body=None, headers=None, raw: bytes = None
+    ):
         conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
         all_headers = {"Connection": "close"}
         if self.token:
@@ -189,8 +222,9 @@ class Client:
             time.sleep(0.05)
 
 
-def raw_exchange(port: int, data: bytes, *, read_timeout: float = 10.0,
-                 shutdown_write: bool = False) -> bytes:
+def raw_exchange(
+    port: int, data: bytes, *, read_timeout: float = 10.0, shutdown_write: bool = False
+) -> bytes:
     """Send raw bytes and read until the server closes (or the timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
         try:
@@ -247,8 +281,12 @@ def start_server_process(env: dict, *args: str) -> tuple[subprocess.Popen, int]:
     """Run ``spell api --port 0`` as a child; returns it and the port it printed."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "spell.py"), "api", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-        env=env, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
     line = proc.stdout.readline()
     assert line.startswith("spell execution api listening on 127.0.0.1:"), line
     return proc, int(line.rsplit(":", 1)[1])
