@@ -3769,6 +3769,8 @@ API_LIST_MAX_LIMIT = 500
 API_RATE_LIMIT_MAX_CLIENTS = 10_000
 #: How long start-up waits for the fork server to have its imports done.
 API_WORKER_READY_TIMEOUT_S = 30.0
+#: Removing a container takes docker a few seconds at most.
+API_DOCKER_RM_TIMEOUT_S = 30
 #: Tail of a cast's stderr read when it died without a result.
 API_STDERR_TAIL_BYTES = 64 * 1024
 #: Longest request path written to the server log.
@@ -4808,7 +4810,45 @@ def stop_execution_processes(execution_ids, pids, grace_s: float) -> None:
         time.sleep(0.05)
         if not _signal_execution(execution_ids, pids, 0):
             return
+    kill_marked(execution_ids, pids)
+
+
+def kill_marked(execution_ids, pids=()) -> None:
+    """SIGKILL what is left of these executions, and remove their containers.
+
+    A docker client killed this way leaves its container running, so the
+    containers named on the marked clients' command lines are removed too.
+    """
+    containers = _execution_containers(_marked_pids(execution_ids))
     _signal_execution(execution_ids, pids, signal.SIGKILL)
+    if containers:
+        try:
+            subprocess.run(
+                ["docker", "rm", "-f", *containers],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=API_DOCKER_RM_TIMEOUT_S,
+            )
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+
+def _execution_containers(pids) -> list[str]:
+    """Names given with ``--name`` to ``docker run`` by these processes."""
+    names = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = handle.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue
+        if not argv or os.path.basename(argv[0]) != "docker" or "run" not in argv:
+            continue
+        for i, arg in enumerate(argv[:-1]):
+            if arg == "--name" and argv[i + 1] and not argv[i + 1].startswith("-"):
+                names.append(argv[i + 1])
+    return names
 
 
 class _InstanceLock:
@@ -5486,11 +5526,9 @@ class JobRunner:
         if ticket.pid and ticket.start and _proc_start_time(ticket.pid) == ticket.start:
             _kill_quietly(ticket.pid, signal.SIGTERM)
         if not ticket.exited.wait(grace_s):
-            if ticket.pid:
-                _kill_quietly(-ticket.pid, signal.SIGKILL)
+            kill_marked([row["execution_id"]], [(ticket.pid, ticket.start)])
             ticket.exited.wait(grace_s)
-        for pid in _marked_pids([row["execution_id"]]):
-            _kill_quietly(pid, signal.SIGKILL)
+        kill_marked([row["execution_id"]])
 
     def _read_result(self, folder: str) -> dict | None:
         try:

@@ -244,6 +244,38 @@ def test_timeout_kills_what_ignores_sigterm(api_env):
             proc.kill()
 
 
+def test_killing_a_docker_client_removes_its_container(api_env, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "docker"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    env = dict(os.environ, **{spell.EXECUTION_MARKER_ENV: "exec_docker"})
+    # A process whose command line reads like a docker client running a container.
+    launcher = (
+        "import os; os.execv('/bin/sh', ['docker', '-c', 'sleep 30; :', 'run', "
+        "'--rm', '--name', 'spell-0123abcd', 'img'])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher], env=env, start_new_session=True
+    )
+    try:
+        give_up = time.monotonic() + 5
+        while spell._execution_containers(spell._marked_pids(["exec_docker"])) != [
+            "spell-0123abcd"
+        ]:
+            assert time.monotonic() < give_up
+            time.sleep(0.05)
+        spell.kill_marked(["exec_docker"])
+        assert proc.wait(5) == -signal.SIGKILL
+        assert calls.read_text() == "rm -f spell-0123abcd\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_close_waits_for_running_executions(server_factory):
     server = server_factory()
     client = Client(server)
