@@ -1091,6 +1091,8 @@ def _check_installable(manifest: dict) -> None:
 
 def install_bundle(source: str) -> dict:
     """Install a bundle from a folder or ``<git url>#<ref>``; return its manifest."""
+    if "\x00" in source:
+        raise InstallError("source must not contain NUL characters")
     workdir = None
     try:
         if is_git_source(source):
@@ -2151,6 +2153,11 @@ class SpellArgumentParser(argparse.ArgumentParser):
     def print_help(self, file=None):
         super().print_help(file or self.stdout)
 
+    def _print_message(self, message, file=None):
+        # argparse writes help and --version to sys.stdout; use our stream.
+        if message:
+            (self.stdout if file is None or file is sys.stdout else file).write(message)
+
     def exit(self, status=0, message=None):
         if message:
             raise UsageError(message.strip(), self.format_usage())
@@ -2295,7 +2302,11 @@ def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(io.stdout)
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            # Name the command concerned, not the top level, in the usage shown.
+            target = getattr(args, "parser", None) or parser
+            target.error(f"unrecognized arguments: {' '.join(extras)}")
         if getattr(args, "help_topic", False):
             target = _subparser(parser, args.topic) if args.topic else parser
             if target is None:
