@@ -2296,8 +2296,21 @@ def _subparser(parser: argparse.ArgumentParser, name: str):
     return None
 
 
+def _use_utf8(*streams) -> None:
+    """Write UTF-8 as the original does, even under an ASCII locale."""
+    for stream in streams:
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("_", "-")
+        if encoding not in ("utf-8", "utf8") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
     """Run the command line; return the exit status (0 success, 1 failure)."""
+    if stdout is None and stderr is None:
+        _use_utf8(sys.stdout, sys.stderr)
     io = IO(stdout or sys.stdout, stderr or sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(io.stdout)
