@@ -1370,58 +1370,1336 @@ def cmd_log(args, io) -> int:
 
 # Digest and signatures #######################################################
 
+SIGNATURE_FILE = "spell.sig.json"
+#: The digest starts with this tag, so no other kind of hash input can collide.
+DIGEST_DOMAIN = b"spell-bundle-v1\x00"
+#: Files are hashed in pieces of this size: memory stays flat whatever their size.
+HASH_CHUNK_BYTES = 1024 * 1024
+#: An Ed25519 PEM key is 119 bytes and an 8192-bit RSA one about 6.5 KiB: 64 KiB
+#: refuses junk (or /dev/zero) at once without refusing any real key file.
+PRIVATE_KEY_MAX_BYTES = 64 * 1024
+ED25519_SIGNATURE_BYTES = 64
+_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class KeyInvalid(SpellError):
+    """A key that cannot be used; the message is the detail callers prefix."""
+
+    error_code = "INVALID_KEY"
+
+
+class _Unreadable(Exception):
+    """Why a file is not a readable regular file.
+
+    ``kind`` is ``missing``, ``os`` (another OS error), ``symlink``, ``special``
+    (not a regular file) or ``too_big``; ``detail`` is text without the path for
+    the last three.  Callers always turn it into a ``SpellError``.
+    """
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def _open_regular(path: str, *, follow_symlinks: bool = False) -> tuple[int, int]:
+    """Open a regular file for reading; return (descriptor, size).
+
+    O_NONBLOCK keeps a FIFO from blocking the open, and the type is checked on
+    the open descriptor, so nothing is read from a FIFO or a device and a file
+    swapped after a check is still caught.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise _Unreadable("symlink", "symlinks are not allowed") from None
+        kind = "missing" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else "os"
+        raise _Unreadable(kind, node_error(exc, "open", path)) from None
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise _Unreadable("os", node_error(exc, "fstat", path)) from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise _Unreadable("special", "not a regular file")
+    return fd, info.st_size
+
+
+def _read_regular(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
+    """Read a whole regular file of at most ``limit`` bytes (else ``_Unreadable``)."""
+    fd, size = _open_regular(path, follow_symlinks=follow_symlinks)
+    try:
+        if size > limit:
+            raise _Unreadable("too_big", f"larger than {limit} bytes")
+        chunks, total = [], 0
+        while True:
+            try:
+                chunk = os.read(fd, min(HASH_CHUNK_BYTES, limit + 1 - total))
+            except OSError as exc:
+                raise _Unreadable("os", node_error(exc, "read", path)) from None
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise _Unreadable("too_big", f"larger than {limit} bytes")
+    finally:
+        os.close(fd)
+
+
+def _parse_json_bytes(data: bytes):
+    """UTF-8 JSON without NaN or Infinity; raises ``ValueError`` with a detail."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+    try:
+        return parse_json_text(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels") from None
+
+
+def _crypto_detail(exc: Exception) -> str:
+    """The useful part of a ``cryptography`` error, on one line."""
+    text = " ".join(str(exc).split())
+    if text.startswith("Unable to load PEM file"):
+        return "not a PEM file"
+    if "Details: " in text:
+        return text.split("Details: ", 1)[1]
+    return text or type(exc).__name__
+
+
+def _key_type_name(key) -> str:
+    """A short name for the type of a ``cryptography`` key (``RSA``, ``EC``, ...)."""
+    from cryptography.hazmat.primitives.asymmetric import (
+        dh, dsa, ec, ed448, rsa, x448, x25519)
+
+    kinds = (("RSA", rsa.RSAPublicKey, rsa.RSAPrivateKey),
+             ("EC", ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey),
+             ("DSA", dsa.DSAPublicKey, dsa.DSAPrivateKey),
+             ("Ed448", ed448.Ed448PublicKey, ed448.Ed448PrivateKey),
+             ("X25519", x25519.X25519PublicKey, x25519.X25519PrivateKey),
+             ("X448", x448.X448PublicKey, x448.X448PrivateKey),
+             ("DH", dh.DHPublicKey, dh.DHPrivateKey))
+    for name, *types in kinds:
+        if isinstance(key, tuple(types)):
+            return name
+    return type(key).__name__
+
+
+def _ed25519_public_key(text: str):
+    """Load an Ed25519 SPKI DER public key from base64url, or raise ``KeyInvalid``."""
+    require("cryptography", "cryptography")
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    try:
+        key = serialization.load_der_public_key(b64url_decode(text))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyInvalid(_crypto_detail(exc)) from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise KeyInvalid(f"expected an Ed25519 key, got {_key_type_name(key)}")
+    return key
+
+
+def _ed25519_private_key(pem: bytes):
+    """Load an unencrypted PKCS#8 PEM Ed25519 private key, or raise ``KeyInvalid``."""
+    require("cryptography", "cryptography")
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:  # raised when the PEM is encrypted and no password was given
+        message = "the key is encrypted; spell needs an unencrypted PKCS#8 key"
+        raise KeyInvalid(message) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyInvalid(_crypto_detail(exc)) from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise KeyInvalid(f"expected an Ed25519 key, got {_key_type_name(key)}")
+    return key
+
+
+def _ed25519_verify(key, signature: bytes, data: bytes) -> bool:
+    """True when ``signature`` is a valid Ed25519 signature of ``data``."""
+    from cryptography.exceptions import InvalidSignature
+
+    if len(signature) != ED25519_SIGNATURE_BYTES:
+        return False
+    try:
+        key.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _spki_base64url(public_key) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return b64url_encode(der)
+
+
+def _check_root_file(root: str, name: str) -> None:
+    path = os.path.join(root, name)
+    try:
+        info = os.lstat(path)
+    except OSError:
+        raise SignatureError(f"{name} not found") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise SignatureError(f"symlink is not allowed: {path}")
+    if not stat.S_ISREG(info.st_mode):
+        raise SignatureError(f"{name} not found")
+
+
+def _walk_steps(steps_dir: str) -> list[str]:
+    """Relative paths (``/``-separated) of the regular files under ``steps_dir``."""
+    found = []
+    pending = [("", steps_dir)]
+    while pending:
+        prefix, folder = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                listing = [(entry.name, entry.path, entry.stat(follow_symlinks=False))
+                           for entry in entries]
+        except OSError as exc:
+            raise SignatureError(node_error(exc, "scandir", folder)) from None
+        for name, path, info in listing:
+            if stat.S_ISLNK(info.st_mode):
+                raise SignatureError(f"symlink is not allowed in steps/: {path}")
+            if stat.S_ISDIR(info.st_mode):
+                pending.append((prefix + name + "/", path))
+            elif stat.S_ISREG(info.st_mode):
+                found.append(prefix + name)
+            else:
+                raise SignatureError(f"unsupported file type in steps/: {path}")
+    return found
+
+
+def bundle_files(bundle_dir: str) -> list[str]:
+    """The relative paths the bundle digest covers, in digest order.
+
+    ``spell.yaml``, ``schema.json`` and every regular file under ``steps/``
+    (hidden ones too), sorted in locale order; a symlink or a special file
+    anywhere under ``steps/`` is an error.
+    """
+    root = os.path.abspath(bundle_dir)
+    _check_root_file(root, "spell.yaml")
+    _check_root_file(root, "schema.json")
+    steps_dir = os.path.join(root, "steps")
+    try:
+        info = os.lstat(steps_dir)
+    except OSError:
+        raise SignatureError("steps/ must be a directory") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise SignatureError(f"symlink is not allowed: {steps_dir}")
+    if not stat.S_ISDIR(info.st_mode):
+        raise SignatureError("steps/ must be a directory")
+    files = ["spell.yaml", "schema.json"]
+    files += ["steps/" + rel for rel in _walk_steps(steps_dir)]
+    files.sort(key=locale_key)
+    return files
+
+
+def _hash_file(digest, root: str, rel: str) -> None:
+    path = os.path.join(root, *rel.split("/"))
+    try:
+        fd, _ = _open_regular(path)
+    except _Unreadable as exc:
+        if rel.startswith("steps/") and exc.kind == "symlink":
+            raise SignatureError(f"symlink is not allowed in steps/: {path}") from None
+        if rel.startswith("steps/") and exc.kind == "special":
+            raise SignatureError(f"unsupported file type in steps/: {path}") from None
+        if exc.kind == "symlink":
+            raise SignatureError(f"symlink is not allowed: {path}") from None
+        if exc.kind in ("missing", "special"):
+            raise SignatureError(f"{rel} not found") from None
+        raise SignatureError(exc.detail) from None
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, HASH_CHUNK_BYTES)
+            except OSError as exc:
+                raise SignatureError(node_error(exc, "read", path)) from None
+            if not chunk:
+                return
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+
+
+def bundle_digest(bundle_dir: str, files: list[str] | None = None) -> bytes:
+    """The 32-byte SHA-256 bundle digest that signatures cover.
+
+    Input: ``spell-bundle-v1 NUL``, then for each file of ``bundle_files`` in
+    order ``file NUL <relative path, UTF-8> NUL <bytes> NUL``.  Files are read
+    as a stream.  ``files`` may pass a ``bundle_files`` result already made.
+    """
+    root = os.path.abspath(bundle_dir)
+    if files is None:
+        files = bundle_files(root)
+    digest = hashlib.sha256(DIGEST_DOMAIN)
+    for rel in files:
+        try:
+            name = rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SignatureError(
+                f"unsupported file name in steps/: {os.path.join(root, rel)!r}"
+            ) from None
+        digest.update(b"file\x00" + name + b"\x00")
+        _hash_file(digest, root, rel)
+        digest.update(b"\x00")
+    return digest.digest()
+
+
+def _required_text(obj: dict, key: str, error=SpellError, prefix: str = "") -> str:
+    """``obj[key]`` trimmed, which must be a string non-empty after trimming."""
+    value = obj.get(key)
+    if not isinstance(value, str) or not js_trim(value):
+        raise error(f"{prefix}missing '{key}' string")
+    return js_trim(value)
+
+
+def read_signature_file(bundle_dir: str) -> dict | None:
+    """Read and check ``<bundle_dir>/spell.sig.json``; ``None`` when it is absent.
+
+    Returns the trimmed fields (digest value lower-cased) in the file's layout.
+    """
+    path = os.path.join(bundle_dir, SIGNATURE_FILE)
+    try:
+        data = _read_regular(path, JSON_FILE_MAX_BYTES)
+    except _Unreadable as exc:
+        if exc.kind == "missing":
+            return None
+        raise SignatureError(f"failed to read spell.sig.json: {exc.detail}") from None
+    try:
+        raw = _parse_json_bytes(data)
+    except ValueError as exc:
+        raise SignatureError(f"failed to parse spell.sig.json: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SignatureError("spell.sig.json must be a JSON object")
+
+    def text(obj: dict, key: str) -> str:
+        return _required_text(obj, key, SignatureError, "spell.sig.json ")
+
+    version = text(raw, "version")
+    if version != "v1":
+        raise SignatureError(f"unsupported signature version: {version}")
+    publisher = text(raw, "publisher")
+    key_id = text(raw, "key_id")
+    algorithm = text(raw, "algorithm")
+    if algorithm != "ed25519":
+        raise SignatureError(f"unsupported signature algorithm: {algorithm}")
+    digest = raw.get("digest")
+    if not isinstance(digest, dict):
+        raise SignatureError("spell.sig.json.digest must be an object")
+    digest_algorithm = text(digest, "algorithm")
+    if digest_algorithm != "sha256":
+        raise SignatureError(f"unsupported digest algorithm: {digest_algorithm}")
+    value = text(digest, "value")
+    if not _HEX64_RE.match(value):
+        raise SignatureError("spell.sig.json.digest.value must be a sha256 hex string")
+    signature = text(raw, "signature")
+    if not is_base64url(signature):
+        raise SignatureError("spell.sig.json.signature must be base64url")
+    return {"version": version, "publisher": publisher, "key_id": key_id,
+            "algorithm": algorithm,
+            "digest": {"algorithm": digest_algorithm, "value": value.lower()},
+            "signature": signature}
+
+
+def _verification(ok: bool, status: str, publisher: str, message: str,
+                  key_id: str | None = None, digest: str | None = None) -> dict:
+    result = {"ok": ok, "status": status, "publisher": publisher}
+    if key_id is not None:
+        result["key_id"] = key_id
+    if digest is not None:
+        result["digest"] = digest
+    result["message"] = message
+    return result
+
+
+def _verify_bundle_strict(manifest: dict, bundle_dir: str, publisher: str) -> dict:
+    sig = read_signature_file(bundle_dir)
+    if sig is None:
+        return _verification(False, "unsigned", publisher, "spell.sig.json not found")
+    key_id, declared = sig["key_id"], sig["digest"]["value"]
+
+    def fail(status: str, message: str, digest_hex: str) -> dict:
+        return _verification(False, status, publisher, message, key_id, digest_hex)
+
+    if sig["publisher"] != publisher:
+        return fail("invalid", f"signature publisher mismatch: expected '{publisher}', "
+                               f"got '{sig['publisher']}'", declared)
+    trust = load_trust(publisher)
+    if trust is None:
+        return fail("untrusted", f"no trusted key for publisher: {publisher}", declared)
+    public_key = trusted_key(trust, key_id)
+    if public_key is None:
+        return fail("untrusted", f"trusted key_id not found: {key_id}", declared)
+    digest = bundle_digest(bundle_dir)
+    if digest.hex() != declared:
+        return fail("invalid", "digest mismatch", digest.hex())
+    try:
+        key = _ed25519_public_key(public_key)
+    except KeyInvalid as exc:
+        message = f"invalid trusted public key: {exc.message}"
+        return fail("untrusted", message, digest.hex())
+    if not _ed25519_verify(key, b64url_decode(sig["signature"]), digest):
+        return fail("invalid", "signature verification failed", digest.hex())
+    return _verification(True, "verified", publisher, "verified", key_id, digest.hex())
+
+
+def verify_bundle(manifest: dict, bundle_dir: str) -> dict:
+    """Check a bundle's ``spell.sig.json`` against the trust store.
+
+    Returns ``{ok, status, publisher, key_id?, digest?, message}`` where status
+    is ``verified``, ``unsigned``, ``untrusted`` or ``invalid``.  A broken
+    signature file, trust file or bundle tree gives ``invalid`` with the error
+    as the message and no key id or digest.  Never raises ``SpellError``,
+    except ``MissingDependency`` when ``cryptography`` is absent.
+    """
+    publisher = publisher_from_id(manifest["id"])
+    try:
+        return _verify_bundle_strict(manifest, bundle_dir, publisher)
+    except MissingDependency:
+        raise
+    except SpellError as exc:
+        return _verification(False, "invalid", publisher, exc.message)
+    except OSError as exc:
+        return _verification(False, "invalid", publisher,
+                             node_error(exc, "open", exc.filename or bundle_dir))
+
+
+def signature_log_block(result: dict, required: bool) -> dict:
+    """The execution log's ``signature`` object for a ``verify_bundle`` result."""
+    block = {"required": required, "status": result["status"]}
+    for key in ("publisher", "key_id", "digest"):
+        if result.get(key) is not None:
+            block[key] = result[key]
+    return block
+
+
+def _check_label(value: str, label: str) -> str:
+    """A publisher or key id: non-empty, no control characters, no outer spaces.
+
+    Outer whitespace is refused because stored labels are trimmed when read: a
+    padded one would never match again.
+    """
+    if not js_trim(value):
+        raise SpellError(f"{label} must not be empty")
+    if has_control_chars(value):
+        raise SpellError(f"{label} must not contain control characters")
+    if js_trim(value) != value:
+        raise SpellError(f"{label} must not start or end with whitespace")
+    return value
+
 
 def cmd_sign_keygen(args, io) -> int:
-    raise SpellError("sign keygen: not implemented yet")
+    require("cryptography", "cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    publisher = _check_label(args.publisher, "publisher")
+    key_id = _check_label(args.key_id, "key id")
+    out_dir = os.path.abspath(args.out_dir)
+    base = f"{sanitize(publisher)}__{sanitize(key_id)}"
+    private_path = os.path.join(out_dir, base + ".private.pem")
+    public_path = os.path.join(out_dir, base + ".public.b64url.txt")
+    if len(os.path.basename(public_path).encode("utf-8")) > NAME_MAX:
+        raise SpellError("publisher and key id are too long for a key file name")
+    if not args.force:
+        for path in (private_path, public_path):
+            if os.path.lexists(path):
+                raise SpellError(
+                    f"key file already exists: {path} (use --force to overwrite)")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise SpellError(f"out dir is not a directory: {out_dir}")
+    os.makedirs(out_dir, mode=STORE_DIR_MODE, exist_ok=True)
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    public_b64 = _spki_base64url(key.public_key())
+    write_atomic(private_path, pem, PRIVATE_FILE_MODE)
+    write_atomic(public_path, public_b64 + "\n", 0o644)
+    io.out(f"publisher: {publisher}")
+    io.out(f"key_id: {key_id}")
+    io.out(f"private_key: {private_path}")
+    io.out(f"public_key_file: {public_path}")
+    io.out(f"public_key_base64url: {public_b64}")
+    io.out(f"trust_add: spell trust add {publisher} {public_b64} --key-id {key_id}")
+    return 0
+
+
+def load_private_key(path: str):
+    """Read an Ed25519 private key file (PKCS#8 PEM, unencrypted)."""
+    try:
+        pem = _read_regular(path, PRIVATE_KEY_MAX_BYTES, follow_symlinks=True)
+    except _Unreadable as exc:
+        if exc.kind in ("missing", "os"):
+            raise SignatureError(f"private key file not found: {path}") from None
+        raise SignatureError(
+            f"failed to read private key file {path}: {exc.detail}") from None
+    try:
+        return _ed25519_private_key(pem)
+    except KeyInvalid as exc:
+        raise SignatureError(f"failed to parse private key: {exc.message}") from None
+
+
+def sign_bundle(bundle_dir: str, private_key, publisher: str,
+                key_id: str) -> tuple[str, str]:
+    """Write ``spell.sig.json`` for a bundle; return (its path, the digest hex)."""
+    root = os.path.abspath(bundle_dir)
+    digest = bundle_digest(root)
+    record = {
+        "version": "v1",
+        "publisher": publisher,
+        "key_id": key_id,
+        "algorithm": "ed25519",
+        "digest": {"algorithm": "sha256", "value": digest.hex()},
+        "signature": b64url_encode(private_key.sign(digest)),
+    }
+    path = os.path.join(root, SIGNATURE_FILE)
+    # Public data that install copies: readable like the bundle's other files.
+    write_atomic(path, dump_json(record), 0o644)
+    return path, digest.hex()
 
 
 def cmd_sign_bundle(args, io) -> int:
-    raise SpellError("sign bundle: not implemented yet")
+    key_id = _check_label(args.key_id, "key id")
+    root = os.path.abspath(args.local_path)
+    manifest = load_manifest(root)
+    derived = publisher_from_id(manifest["id"])
+    given = js_trim(args.publisher or "")
+    publisher = given or derived
+    if publisher != derived:
+        raise SignatureError(
+            f"publisher mismatch: manifest expects '{derived}', got '{publisher}'"
+        )
+    key = load_private_key(args.private_key)
+    path, digest_hex = sign_bundle(root, key, publisher, key_id)
+    io.out(f"signed: {path}")
+    io.out(f"publisher: {escape_text(publisher)}")
+    io.out(f"key_id: {key_id}")
+    io.out(f"digest: {digest_hex}")
+    return 0
 
 
 def cmd_verify(args, io) -> int:
-    raise SpellError("verify: not implemented yet")
+    bundle_dir, manifest = resolve_installed(args.id, args.version)
+    result = verify_bundle(manifest, bundle_dir)
+    try:
+        files = bundle_files(bundle_dir)
+    except SpellError:
+        files = []
+    if args.json:
+        io.out(spell_runner.dumps_js(dict(result, files=files), indent=2))
+    else:
+        io.out(f"status: {result['status']}")
+        io.out(f"publisher: {escape_text(result['publisher'])}")
+        io.out(f"key_id: {escape_text(result.get('key_id', '-'))}")
+        io.out(f"digest: {result.get('digest', '-')}")
+        io.out("files:" if files else "files: (none readable)")
+        for rel in files:
+            io.out(f"  {escape_text(rel)}")
+    if not result["ok"]:
+        raise SignatureError(result["message"])
+    return 0
 
 
 # Trust store #################################################################
 
 
+class TrustError(SpellError):
+    error_code = "INVALID_TRUST_FILE"
+
+
+#: A base64url SPKI DER Ed25519 key is 59 characters; anything past this is junk.
+PUBLIC_KEY_MAX_CHARS = 4096
+
+
+def trust_file_path(publisher: str) -> str:
+    """``<store>/trust/publishers/<base64url(publisher)>.json``."""
+    return store_path("trust", "publishers", id_key(publisher) + ".json")
+
+
+def _validate_trust(raw, publisher: str, path: str) -> dict:
+    if not isinstance(raw, dict):
+        raise TrustError(f"trust file must be a JSON object: {path}")
+    version = _required_text(raw, "version", TrustError)
+    if version != "v1":
+        raise TrustError(f"unsupported trust file version: {version}")
+    file_publisher = _required_text(raw, "publisher", TrustError)
+    if file_publisher != publisher:
+        raise TrustError(
+            f"trust file publisher mismatch: expected '{publisher}', got '{file_publisher}'"
+        )
+    items = raw.get("keys")
+    if not isinstance(items, list) or not items:
+        raise TrustError("trust file keys must be a non-empty array")
+    keys, seen = [], set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise TrustError(f"trust file keys[{i}] must be an object")
+        key_id = _required_text(item, "key_id", TrustError)
+        algorithm = _required_text(item, "algorithm", TrustError)
+        if algorithm != "ed25519":
+            raise TrustError(f"unsupported trust key algorithm: {algorithm}")
+        public_key = _required_text(item, "public_key", TrustError)
+        if not is_base64url(public_key):
+            raise TrustError("trust key public_key must be base64url")
+        if key_id in seen:
+            raise TrustError(f"duplicate trust key_id: {key_id}")
+        seen.add(key_id)
+        keys.append({"key_id": key_id, "algorithm": algorithm,
+                     "public_key": public_key})
+    return {"version": version, "publisher": file_publisher, "keys": keys}
+
+
+def load_trust(publisher: str) -> dict | None:
+    """Strictly load the trust file of ``publisher``; ``None`` when it has none.
+
+    A missing or unreadable file means no trust; a file that is there but
+    broken (not a regular file, too big, bad JSON, bad fields) is an error.
+    """
+    path = trust_file_path(publisher)
+    try:
+        data = _read_regular(path, JSON_FILE_MAX_BYTES)
+    except _Unreadable as exc:
+        if exc.kind in ("missing", "os"):
+            return None
+        raise TrustError(f"failed to read trust file {path}: {exc.detail}") from None
+    try:
+        raw = _parse_json_bytes(data)
+    except ValueError:
+        raise TrustError(f"failed to parse trust file: {path}") from None
+    return _validate_trust(raw, publisher, path)
+
+
+def trusted_key(trust: dict, key_id: str) -> str | None:
+    """The base64url public key stored for ``key_id``, if any."""
+    for key in trust["keys"]:
+        if key["key_id"] == key_id:
+            return key["public_key"]
+    return None
+
+
+def _parse_trust_key_arg(text: str) -> str:
+    """Check a ``trust add`` key argument; return the trimmed base64url text."""
+    text = js_trim(text)
+    if len(text) > PUBLIC_KEY_MAX_CHARS:
+        raise SpellError(
+            f"invalid public key: longer than {PUBLIC_KEY_MAX_CHARS} characters")
+    if not is_base64url(text):
+        raise SpellError(
+            "invalid public key: must be base64url (A-Z a-z 0-9 - _, no padding)"
+        )
+    try:
+        key = _ed25519_public_key(text)
+    except KeyInvalid as exc:
+        raise SpellError(f"invalid public key: {exc.message}") from None
+    if _spki_base64url(key) != text:
+        raise SpellError(
+            "invalid public key: not the exact base64url of an SPKI DER key")
+    return text
+
+
+def add_trusted_key(publisher: str, key_id: str, public_key: str) -> None:
+    """Add or replace one key of a publisher's trust file (written atomically)."""
+    existing = load_trust(publisher)
+    keys = [k for k in (existing["keys"] if existing else []) if k["key_id"] != key_id]
+    keys.append({"key_id": key_id, "algorithm": "ed25519", "public_key": public_key})
+    keys.sort(key=lambda k: locale_key(k["key_id"]))
+    folder = store_path("trust", "publishers")
+    ensure_dir(folder)
+    write_atomic(trust_file_path(publisher),
+                 dump_json({"version": "v1", "publisher": publisher, "keys": keys}))
+
+
 def cmd_trust_add(args, io) -> int:
-    raise SpellError("trust add: not implemented yet")
+    publisher = _check_label(args.publisher, "publisher")
+    key_id = _check_label(args.key_id, "key id")
+    if len(os.path.basename(trust_file_path(publisher)).encode()) > NAME_MAX:
+        raise SpellError("publisher is too long to store")
+    public_key = _parse_trust_key_arg(args.public_key)
+    add_trusted_key(publisher, key_id, public_key)
+    io.out(f"trusted publisher={publisher} key_id={key_id}")
+    return 0
+
+
+def _utf16_key(text: str) -> bytes:
+    """Sort key for JavaScript's default (UTF-16 code unit) string order."""
+    return text.encode("utf-16-be", "surrogatepass")
+
+
+def _listable_key(item) -> bool:
+    """Whether ``trust list`` shows a key entry (lenient reading)."""
+    return (isinstance(item, dict)
+            and isinstance(item.get("key_id"), str) and bool(js_trim(item["key_id"]))
+            and isinstance(item.get("public_key"), str)
+            and item.get("algorithm") == "ed25519")
+
+
+def list_trusted() -> list[tuple[str, list[str]]]:
+    """Trusted publishers and their key ids, read leniently (junk is skipped).
+
+    Publishers are in locale order, key ids in code-unit order.
+    """
+    folder = store_path("trust", "publishers")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            raw = _parse_json_bytes(_read_regular(os.path.join(folder, name),
+                                                  JSON_FILE_MAX_BYTES))
+        except (_Unreadable, ValueError):
+            continue
+        if not isinstance(raw, dict) or raw.get("version") != "v1":
+            continue
+        publisher = raw.get("publisher")
+        if not isinstance(publisher, str) or not js_trim(publisher):
+            continue
+        items = raw.get("keys")
+        if not isinstance(items, list):
+            continue
+        key_ids = [js_trim(item["key_id"]) for item in items if _listable_key(item)]
+        if key_ids:
+            found.append((js_trim(publisher), sorted(key_ids, key=_utf16_key)))
+    found.sort(key=lambda entry: locale_key(entry[0]))
+    return found
 
 
 def cmd_trust_list(args, io) -> int:
-    raise SpellError("trust list: not implemented yet")
+    trusted = list_trusted()
+    if not trusted:
+        io.out("No trusted publishers")
+        return 0
+    io.out("publisher\tkey_ids")
+    for publisher, key_ids in trusted:
+        io.out(f"{escape_text(publisher)}\t{escape_text(','.join(key_ids))}")
+    return 0
 
 
 def cmd_trust_remove(args, io) -> int:
-    raise SpellError("trust remove: not implemented yet")
+    path = trust_file_path(args.publisher)
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise NotFound(f"trusted publisher not found: {args.publisher}") from None
+        raise
+    io.out(f"removed publisher={escape_text(args.publisher)}")
+    return 0
 
 
 # Entitlements and licences ###################################################
 
 
+class EntitlementError(SpellError):
+    error_code = "ENTITLEMENT_INVALID"
+
+
+class LicenseError(SpellError):
+    error_code = "INVALID_LICENSE"
+
+
+ENTITLEMENT_PREFIX = "ent1"
+ENTITLEMENT_MODES = ("upfront", "on_success", "subscription")
+#: Claims are eight short fields (a token is about 400 characters); 16 KiB
+#: leaves room for long issuer names and refuses junk before decoding it.
+ENTITLEMENT_TOKEN_MAX_CHARS = 16 * 1024
+_TIMESTAMP_RE = re.compile(
+    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+_MS_PER_DAY = 86_400_000
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date; day may overflow."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468 + (day - 1)
+
+
+def timestamp_ms(text: str) -> int | None:
+    """Epoch milliseconds of an entitlement timestamp, or ``None`` if invalid.
+
+    The text must already match the strict ISO-8601 pattern.  Like V8's
+    ``Date.parse`` a day up to 31 rolls over into the next month and ``24:00:00``
+    means the next midnight; digits past milliseconds are ignored.
+    """
+    m = _TIMESTAMP_RE.match(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    fraction, zone = m.group(7) or "", m.group(8)
+    if not (1 <= month <= 12 and 1 <= day <= 31 and minute <= 59 and second <= 59):
+        return None
+    if hour > 24 or (hour == 24 and (minute or second or fraction.strip("0"))):
+        return None
+    offset = 0
+    if zone != "Z":
+        zone_hours, zone_minutes = int(zone[1:3]), int(zone[4:6])
+        if zone_hours > 23 or zone_minutes > 59:
+            return None
+        offset = (zone_hours * 60 + zone_minutes) * 60_000
+        if zone[0] == "-":
+            offset = -offset
+    millis = int((fraction + "000")[:3])
+    time_ms = ((hour * 60 + minute) * 60 + second) * 1000 + millis
+    return _days_from_civil(year, month, day) * _MS_PER_DAY + time_ms - offset
+
+
+def _epoch_ms(now) -> int:
+    """``now`` (an aware ``datetime``, or epoch seconds) in epoch milliseconds."""
+    import datetime
+
+    if isinstance(now, datetime.datetime):
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=datetime.timezone.utc)
+        epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+        return (now - epoch) // datetime.timedelta(milliseconds=1)
+    if isinstance(now, (int, float)) and not isinstance(now, bool):
+        return int(now * 1000)
+    raise TypeError("now must be a datetime or epoch seconds")
+
+
+def _is_json_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    import math
+
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too big for a float is Infinity in JSON
+        return False
+
+
+def validate_claims(raw) -> dict:
+    """Check entitlement claims in the original's order; return them trimmed."""
+    prefix = "invalid entitlement payload: "
+    if not isinstance(raw, dict):
+        raise EntitlementError(prefix + "expected JSON object")
+
+    def text(key: str) -> str:
+        return _required_text(raw, key, EntitlementError, prefix)
+
+    version = text("version")
+    if version != "v1":
+        raise EntitlementError(f"{prefix}unsupported version '{version}'")
+    issuer = text("issuer")
+    key_id = text("key_id")
+    mode = text("mode")
+    if mode not in ENTITLEMENT_MODES:
+        raise EntitlementError(f"{prefix}unsupported mode '{mode}'")
+    currency = text("currency")
+    max_amount = raw.get("max_amount")
+    if not _is_json_number(max_amount):
+        raise EntitlementError(prefix + "missing 'max_amount' number")
+    if not _is_finite(max_amount) or max_amount < 0:
+        raise EntitlementError(
+            prefix + "max_amount must be a non-negative finite number")
+    not_before = text("not_before")
+    expires_at = text("expires_at")
+    bounds = []
+    for key, value in (("not_before", not_before), ("expires_at", expires_at)):
+        if not _TIMESTAMP_RE.match(value):
+            raise EntitlementError(f"{prefix}'{key}' must be an ISO-8601 timestamp")
+        millis = timestamp_ms(value)
+        if millis is None:
+            raise EntitlementError(f"{prefix}'{key}' is not a valid timestamp")
+        bounds.append(millis)
+    if bounds[0] > bounds[1]:
+        raise EntitlementError(prefix + "not_before must be <= expires_at")
+    return {"version": version, "issuer": issuer, "key_id": key_id, "mode": mode,
+            "currency": currency, "max_amount": max_amount,
+            "not_before": not_before, "expires_at": expires_at}
+
+
+def parse_entitlement_token(token: str) -> dict:
+    """Parse ``ent1.<payload>.<signature>`` without checking its signature.
+
+    Returns ``{"token", "claims", "metadata"}``: the trimmed token, the checked
+    claims and ``{"format": "ent1", "payload_base64url", "signature_base64url"}``.
+    """
+    token = js_trim(token) if isinstance(token, str) else ""
+    if not token:
+        raise EntitlementError("entitlement token must be non-empty")
+    if len(token) > ENTITLEMENT_TOKEN_MAX_CHARS:
+        raise EntitlementError(
+            f"entitlement token is longer than {ENTITLEMENT_TOKEN_MAX_CHARS} characters"
+        )
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != ENTITLEMENT_PREFIX:
+        raise EntitlementError(
+            "invalid entitlement token format; expected "
+            "ent1.<payloadBase64url>.<signatureBase64url>"
+        )
+    _, payload, signature = parts
+    if not payload or not signature:
+        raise EntitlementError("invalid entitlement token format; "
+                               "payload and signature segments are required")
+    if not is_base64url(payload):
+        raise EntitlementError("invalid entitlement payload segment: must be base64url")
+    if not is_base64url(signature):
+        raise EntitlementError(
+            "invalid entitlement signature segment: must be base64url")
+    try:
+        raw = _parse_json_bytes(b64url_decode(payload))
+    except ValueError as exc:
+        raise EntitlementError(f"invalid entitlement payload JSON: {exc}") from None
+    return {
+        "token": token,
+        "claims": validate_claims(raw),
+        "metadata": {"format": ENTITLEMENT_PREFIX, "payload_base64url": payload,
+                     "signature_base64url": signature},
+    }
+
+
+def _check_entitlement_signature(parsed: dict) -> None:
+    """Verify a parsed token against its issuer's key in the trust store now."""
+    claims = parsed["claims"]
+    issuer, key_id = claims["issuer"], claims["key_id"]
+    trust = load_trust(issuer)
+    if trust is None:
+        raise EntitlementError(f"entitlement issuer is not trusted: {issuer}")
+    public_key = trusted_key(trust, key_id)
+    if public_key is None:
+        raise EntitlementError(
+            f"entitlement key_id is not trusted for issuer '{issuer}': {key_id}"
+        )
+    try:
+        key = _ed25519_public_key(public_key)
+    except KeyInvalid as exc:
+        raise EntitlementError(f"invalid trusted public key: {exc.message}") from None
+    metadata = parsed["metadata"]
+    signature = b64url_decode(metadata["signature_base64url"])
+    # The signature covers the payload segment's ASCII text, not the decoded JSON.
+    payload = metadata["payload_base64url"].encode("ascii")
+    if not _ed25519_verify(key, signature, payload):
+        raise EntitlementError("entitlement signature verification failed")
+
+
+def _in_window(claims: dict, now_ms: int) -> bool:
+    start, end = timestamp_ms(claims["not_before"]), timestamp_ms(claims["expires_at"])
+    return start <= now_ms <= end
+
+
+def verify_entitlement_token(token: str, now) -> dict:
+    """Parse a token, verify its signature with the trust store and its time window.
+
+    ``now`` is an aware ``datetime`` or epoch seconds; the window is inclusive.
+    Returns what ``parse_entitlement_token`` returns.
+    """
+    parsed = parse_entitlement_token(token)
+    _check_entitlement_signature(parsed)
+    claims, now_ms = parsed["claims"], _epoch_ms(now)
+    if now_ms < timestamp_ms(claims["not_before"]):
+        raise EntitlementError(
+            f"entitlement token not valid yet (not_before={claims['not_before']})"
+        )
+    if now_ms > timestamp_ms(claims["expires_at"]):
+        raise EntitlementError(
+            f"entitlement token expired (expires_at={claims['expires_at']})")
+    return parsed
+
+
+def license_path(name: str) -> str:
+    """``<store>/licenses/<base64url(name)>.json`` for a trimmed licence name."""
+    return store_path("licenses", id_key(name) + ".json")
+
+
+def _license_name(name: str) -> str:
+    trimmed = js_trim(name)
+    if not trimmed:
+        raise LicenseError("license name must be non-empty")
+    if len(os.path.basename(license_path(trimmed)).encode()) > NAME_MAX:
+        raise LicenseError(
+            f"license name is too long: its file name would exceed {NAME_MAX} bytes"
+        )
+    return trimmed
+
+
+def _validate_license(raw, path: str, expected_name: str | None, strict: bool) -> dict:
+    """Check a licence record; return ``{name, token, created_at?, updated_at?,
+    entitlement?}``.  Lenient reading (``strict`` false) makes dates optional."""
+    if not isinstance(raw, dict):
+        raise LicenseError(f"license file must be a JSON object: {path}")
+    version = _required_text(raw, "version", LicenseError)
+    if version not in ("v1", "v2"):
+        raise LicenseError(f"unsupported license file version: {version}")
+    name = _required_text(raw, "name", LicenseError)
+    if expected_name is not None and name != expected_name:
+        raise LicenseError(
+            f"license file name mismatch: expected '{expected_name}', got '{name}'"
+        )
+    record = {"name": name, "token": _required_text(raw, "token", LicenseError)}
+    for key in ("created_at", "updated_at"):
+        value = raw.get(key)
+        if strict or (isinstance(value, str) and js_trim(value)):
+            record[key] = _required_text(raw, key, LicenseError)
+    if version == "v1":
+        return record
+    metadata = raw.get("token_metadata")
+    if not isinstance(metadata, dict):
+        raise LicenseError(f"license token_metadata must be an object: {path}")
+    if metadata.get("format") != ENTITLEMENT_PREFIX:
+        raise LicenseError("license token_metadata.format must be 'ent1'")
+    for key in ("payload_base64url", "signature_base64url"):
+        if not is_base64url(metadata.get(key)):
+            raise LicenseError(f"license token_metadata.{key} must be base64url")
+    claims = validate_claims(raw.get("entitlement"))
+    try:
+        parsed = parse_entitlement_token(record["token"])
+    except EntitlementError as exc:
+        raise LicenseError(f"invalid stored entitlement token: {exc.message}") from None
+    segments = parsed["metadata"]
+    if (segments["payload_base64url"] != metadata["payload_base64url"]
+            or segments["signature_base64url"] != metadata["signature_base64url"]):
+        raise LicenseError(
+            "stored entitlement token metadata does not match token segments")
+    if parsed["claims"] != claims:
+        raise LicenseError(
+            "stored entitlement claims do not match token payload claims")
+    record["entitlement"] = claims
+    return record
+
+
+def _load_license(path: str, expected_name: str | None, strict: bool) -> dict | None:
+    try:
+        data = _read_regular(path, JSON_FILE_MAX_BYTES)
+    except _Unreadable as exc:
+        if exc.kind == "missing":
+            return None
+        raise LicenseError(
+            f"failed to read license file {path}: {exc.detail}") from None
+    try:
+        raw = _parse_json_bytes(data)
+    except ValueError:
+        raise LicenseError(f"failed to parse license file: {path}") from None
+    return _validate_license(raw, path, expected_name, strict)
+
+
+def list_licenses() -> list[dict]:
+    """Stored licences, read leniently and sorted by name (locale order).
+
+    Each is ``{name, token, created_at?, updated_at?, entitlement?}`` (v1
+    records have no entitlement).  Broken files are skipped.  Nothing here
+    checks signatures: ``find_matching_license`` does.
+    """
+    folder = store_path("licenses")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):  # sorted: records sharing a name keep one order
+        if not name.endswith(".json"):
+            continue
+        try:
+            record = _load_license(os.path.join(folder, name), None, strict=False)
+        except SpellError:
+            continue
+        if record is not None:
+            found.append(record)
+    found.sort(key=lambda record: locale_key(record["name"]))
+    return found
+
+
+def _still_trusted(record: dict) -> bool:
+    """True when the stored token still verifies against the current trust store."""
+    try:
+        _check_entitlement_signature(parse_entitlement_token(record["token"]))
+    except MissingDependency:
+        raise
+    except SpellError:
+        return False
+    return True
+
+
+def find_matching_license(billing: dict, now) -> str | None:
+    """The name of the first licence that covers ``billing`` at ``now``, if any.
+
+    Licences are tried in name order.  One matches when its claims' window holds
+    ``now`` (inclusive), its mode equals ``billing["mode"]``, its currency equals
+    ``billing["currency"]`` (trimmed, case-insensitive), its ``max_amount`` is at
+    least ``billing["max_amount"]``, and its token still verifies with the
+    issuer's key as trusted now (a hand-written record or a removed key unlocks
+    nothing).
+    """
+    now_ms = _epoch_ms(now)
+    currency = js_trim(billing["currency"]).lower()
+    for record in list_licenses():
+        claims = record.get("entitlement")
+        if claims is None or not _in_window(claims, now_ms):
+            continue
+        if claims["mode"] != billing["mode"]:
+            continue
+        if js_trim(claims["currency"]).lower() != currency:
+            continue
+        if not claims["max_amount"] >= billing["max_amount"]:
+            continue
+        if _still_trusted(record):
+            return record["name"]
+    return None
+
+
+def _utc_now():
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 def cmd_license_add(args, io) -> int:
-    raise SpellError("license add: not implemented yet")
+    name = _license_name(args.name)
+    if not js_trim(args.token):
+        raise LicenseError("license token must be non-empty")
+    parsed = verify_entitlement_token(args.token, _utc_now())
+    path = license_path(name)
+    existing = _load_license(path, name, strict=True)
+    now = iso_now()
+    record = {
+        "version": "v2",
+        "name": name,
+        "token": parsed["token"],
+        "token_metadata": parsed["metadata"],
+        "entitlement": parsed["claims"],
+        "created_at": existing["created_at"] if existing else now,
+        "updated_at": now,
+    }
+    ensure_dir(store_path("licenses"))
+    write_atomic(path, dump_json(record))
+    io.out(f"added license={escape_text(name)}")
+    return 0
 
 
 def cmd_license_list(args, io) -> int:
-    raise SpellError("license list: not implemented yet")
+    records = list_licenses()
+    if not records:
+        io.out("No licenses")
+        return 0
+    io.out("name\tissuer\tmode\tcurrency\tmax_amount\texpires_at\tupdated_at")
+    for record in records:
+        claims = record.get("entitlement") or {}
+        cells = [record["name"], claims.get("issuer", "-"), claims.get("mode", "-"),
+                 claims.get("currency", "-"),
+                 js_number(claims["max_amount"]) if claims else "-",
+                 claims.get("expires_at", "-"), record.get("updated_at", "-")]
+        io.out("\t".join(escape_text(cell) for cell in cells))
+    return 0
 
 
 def cmd_license_remove(args, io) -> int:
-    raise SpellError("license remove: not implemented yet")
+    name = js_trim(args.name)
+    if not name:
+        raise LicenseError("license name must be non-empty")
+    path = license_path(name)
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise NotFound(f"license not found: {args.name}") from None
+        raise
+    io.out(f"removed license={escape_text(name)}")
+    return 0
 
 
 # Policy ######################################################################
 
 
+class PolicyError(SpellError):
+    """A policy file that cannot be used; its message starts ``invalid policy:``."""
+
+    error_code = "INVALID_POLICY"
+
+    def __init__(self, detail: str):
+        super().__init__(f"invalid policy: {detail}")
+
+
+POLICY_FILE = "policy.json"
+_POLICY_KEYS = ("version", "default", "publishers", "max_risk", "runtime")
+
+
+def policy_path() -> str:
+    """``<store>/policy.json``."""
+    return store_path(POLICY_FILE)
+
+
+def _js_text(value) -> str:
+    """``String(value)`` in JavaScript, for JSON values."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return js_number(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return ",".join("" if item is None else _js_text(item) for item in value)
+    return "[object Object]"
+
+
+def _policy_list(obj: dict, key: str, label: str) -> list[str]:
+    value = obj[key]
+    if not isinstance(value, list):
+        raise PolicyError(f"{label} must be an array of strings")
+    items = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not js_trim(item):
+            raise PolicyError(f"{label}[{i}] must be a non-empty string")
+        items.append(js_trim(item))
+    return items
+
+
+def _unknown_key(obj: dict, allowed: tuple, where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise PolicyError(f"{where} contains unknown key '{key}'")
+
+
+def validate_policy(raw) -> dict:
+    """Check a parsed policy in the original's order; return it normalised.
+
+    Unknown keys are errors at every level.  Lists come back trimmed.
+    """
+    if not isinstance(raw, dict):
+        raise PolicyError("policy must be a JSON object")
+    _unknown_key(raw, _POLICY_KEYS, "policy")
+    version = _required_text(raw, "version", PolicyError)
+    if version != "v1":
+        raise PolicyError(f"unsupported version: {version}")
+    default = _required_text(raw, "default", PolicyError)
+    if default not in ("allow", "deny"):
+        raise PolicyError(f"default must be 'allow' or 'deny', got '{default}'")
+    policy = {"version": version, "default": default}
+    if "publishers" in raw:
+        publishers = raw["publishers"]
+        if not isinstance(publishers, dict):
+            raise PolicyError("publishers must be an object")
+        _unknown_key(publishers, ("allow", "deny"), "publishers")
+        policy["publishers"] = {key: _policy_list(publishers, key, f"publishers.{key}")
+                                for key in ("allow", "deny") if key in publishers}
+    if "max_risk" in raw:
+        max_risk = raw["max_risk"]
+        if not isinstance(max_risk, str) or max_risk not in RISKS:
+            raise PolicyError("max_risk must be one of low|medium|high|critical, "
+                              f"got '{_js_text(max_risk)}'")
+        policy["max_risk"] = max_risk
+    if "runtime" in raw:
+        runtime = raw["runtime"]
+        if not isinstance(runtime, dict):
+            raise PolicyError("runtime must be an object")
+        _unknown_key(runtime, ("allow_execution",), "runtime")
+        policy["runtime"] = {}
+        if "allow_execution" in runtime:
+            label = "runtime.allow_execution"
+            executions = _policy_list(runtime, "allow_execution", label)
+            for i, item in enumerate(executions):
+                if item not in EXECUTIONS:
+                    raise PolicyError(f"{label}[{i}] must be 'host' or 'docker'")
+            policy["runtime"]["allow_execution"] = executions
+    return policy
+
+
+def read_policy_file(path: str, *, missing_ok: bool = True) -> dict | None:
+    """Load and validate a policy file; ``None`` when it does not exist.
+
+    A symlink is followed (an administrator may link a managed policy in), but
+    a dangling one is an error rather than "no policy".  Not a regular file,
+    larger than the cap, not JSON (NaN and Infinity included) or not a valid
+    policy: ``PolicyError``.
+    """
+    try:
+        data = _read_regular(path, JSON_FILE_MAX_BYTES, follow_symlinks=True)
+    except _Unreadable as exc:
+        if exc.kind == "missing" and missing_ok and not os.path.lexists(path):
+            return None
+        raise PolicyError(f"failed to read {path}: {exc.detail}") from None
+    try:
+        raw = _parse_json_bytes(data)
+    except ValueError as exc:
+        raise PolicyError(f"failed to parse JSON: {exc}") from None
+    return validate_policy(raw)
+
+
+def load_policy() -> dict | None:
+    """The policy in force (``<store>/policy.json``), or ``None`` when there is none."""
+    return read_policy_file(policy_path())
+
+
+def evaluate_policy(policy: dict | None, publisher: str, risk: str,
+                    execution: str) -> str | None:
+    """The reason the policy denies a cast, or ``None`` when it allows it.
+
+    Rules in order: denied publisher, publisher outside a present allow list,
+    risk above ``max_risk``, execution outside ``runtime.allow_execution``,
+    then ``default: deny``.
+    """
+    if policy is None:
+        return None
+    publishers = policy.get("publishers") or {}
+    if publisher in publishers.get("deny", ()):
+        return f"publisher '{publisher}' is denied"
+    if "allow" in publishers and publisher not in publishers["allow"]:
+        return f"publisher '{publisher}' is not allowed"
+    max_risk = policy.get("max_risk")
+    if max_risk is not None:
+        # An unknown risk ranks above every known one: fail closed.
+        rank = RISKS.index(risk) if risk in RISKS else len(RISKS)
+        if rank > RISKS.index(max_risk):
+            return f"risk '{risk}' exceeds max_risk '{max_risk}'"
+    runtime = policy.get("runtime") or {}
+    if "allow_execution" in runtime and execution not in runtime["allow_execution"]:
+        return f"runtime execution '{execution}' is not allowed"
+    if policy["default"] == "deny":
+        return "default policy is deny"
+    return None
+
+
+def check_policy(manifest: dict) -> None:
+    """Load the policy and raise ``PolicyDenied`` if it refuses this manifest."""
+    reason = evaluate_policy(load_policy(), publisher_from_id(manifest["id"]),
+                             manifest["risk"], manifest["runtime"]["execution"])
+    if reason is not None:
+        raise PolicyDenied(f"policy denied: {reason}")
+
+
 def cmd_policy_show(args, io) -> int:
-    raise SpellError("policy show: not implemented yet")
+    path = policy_path()
+    policy = read_policy_file(path)
+    if policy is None:
+        io.out(f"No policy: {path} does not exist, so every spell is allowed")
+        return 0
+    io.out(spell_runner.dumps_js(policy, indent=2))
+    return 0
 
 
 def cmd_policy_validate(args, io) -> int:
-    raise SpellError("policy validate: not implemented yet")
+    read_policy_file(args.file, missing_ok=False)
+    io.out(f"policy ok: {args.file}")
+    return 0
 
 
 # Cast ########################################################################
@@ -1459,7 +2737,8 @@ _PRIVATE_ENV = ("SPELL_API_AUTH_KEYS", "SPELL_API_AUTH_TOKENS")
 
 _JS_INT_RE = re.compile(
     r"^[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)$"
-    r"|^(?:0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+)$"
+    r"|^(?:0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+)$",
+    re.ASCII,  # JavaScript's Number() knows no other digits than 0-9
 )
 
 
@@ -1589,37 +2868,72 @@ def _pointer(path) -> str:
     return "/" + "/".join(parts) if parts else "/"
 
 
-def _ajv_message(error) -> str:
-    """Word a jsonschema error the way Ajv does (the original's validator)."""
-    kind, value = error.validator, error.validator_value
-    if kind == "required":
-        missing = re.findall(r"'((?:[^'\\]|\\.)*)' is a required property", error.message)
-        return f"must have required property '{missing[0] if missing else value}'"
+def _ajv_messages(error) -> list[str]:
+    """Word a jsonschema error the way Ajv does (the original's validator).
+
+    A list, because Ajv reports some failures once per offending member (one
+    ``must NOT have additional properties`` per extra key) where jsonschema
+    reports one error.
+    """
+    kind, value, parent = error.validator, error.validator_value, error.schema
+    if kind == "required" and isinstance(value, list):
+        # jsonschema words it "<repr(name)> is a required property", one per name.
+        missing = [n for n in value if error.message == f"{n!r} is a required property"]
+        return [f"must have required property '{missing[0] if missing else value}'"]
+    if kind == "additionalProperties":
+        return ["must NOT have additional properties"] * max(1, _count_additional(error))
+    if kind in ("dependencies", "dependentRequired") and isinstance(value, dict):
+        for prop, deps in value.items():
+            if isinstance(deps, list) and error.message.endswith(f" is a dependency of {prop!r}"):
+                noun = "property" if len(deps) == 1 else "properties"
+                return [f"must have {noun} {', '.join(map(str, deps))} when property "
+                        f"{prop} is present"]
+    if kind in ("additionalItems", "items") and value is False and isinstance(parent, dict):
+        tuple_items = parent.get("items" if kind == "additionalItems" else "prefixItems")
+        limit = len(tuple_items) if isinstance(tuple_items, list) else 0
+        return [f"must NOT have more than {limit} items"]
     simple = {
-        "additionalProperties": "must NOT have additional properties",
         "enum": "must be equal to one of the allowed values",
         "const": "must be equal to constant",
         "uniqueItems": "must NOT have duplicate items",
+        "anyOf": "must match a schema in anyOf",
+        "oneOf": "must match exactly one schema in oneOf",
+        "not": "must NOT be valid",
+        "unevaluatedProperties": "must NOT have unevaluated properties",
+        "contains": "must contain at least 1 valid item(s)",
+        None: "boolean schema is false",
     }
     if kind in simple:
-        return simple[kind]
+        return [simple[kind]]
     if kind == "type":
-        return "must be " + (",".join(value) if isinstance(value, list) else str(value))
+        return ["must be " + (",".join(value) if isinstance(value, list) else str(value))]
     bounds = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
     if kind in bounds:
-        return f"must be {bounds[kind]} {js_number(value)}"
+        return [f"must be {bounds[kind]} {js_number(value)}"]
     counted = {"minLength": ("fewer", "characters"), "maxLength": ("more", "characters"),
                "minItems": ("fewer", "items"), "maxItems": ("more", "items"),
                "minProperties": ("fewer", "properties"),
                "maxProperties": ("more", "properties")}
     if kind in counted:
         word, unit = counted[kind]
-        return f"must NOT have {word} than {js_number(value)} {unit}"
+        return [f"must NOT have {word} than {js_number(value)} {unit}"]
     if kind == "pattern":
-        return f'must match pattern "{value}"'
+        return [f'must match pattern "{value}"']
     if kind == "multipleOf":
-        return f"must be multiple of {js_number(value)}"
-    return error.message
+        return [f"must be multiple of {js_number(value)}"]
+    return [error.message]
+
+
+def _count_additional(error) -> int:
+    """How many keys an ``additionalProperties: false`` error is about."""
+    instance, parent = error.instance, error.schema
+    if not isinstance(instance, dict) or not isinstance(parent, dict):
+        return 1
+    properties = parent.get("properties") if isinstance(parent.get("properties"), dict) else {}
+    patterns = parent.get("patternProperties")
+    patterns = list(patterns) if isinstance(patterns, dict) else []
+    return sum(1 for key in instance
+               if key not in properties and not any(re.search(p, key) for p in patterns))
 
 
 def _schema_validator(schema: dict):
@@ -1647,8 +2961,8 @@ def _schema_validator(schema: dict):
 def _schema_errors(schema: dict, value) -> list[str]:
     validator = _schema_validator(schema)
     try:
-        return [f"{_pointer(e.absolute_path)} {_ajv_message(e)}"
-                for e in validator.iter_errors(value)]
+        return [f"{_pointer(e.absolute_path)} {message}"
+                for e in validator.iter_errors(value) for message in _ajv_messages(e)]
     except Exception as exc:  # unresolvable $ref and friends come from the library
         if isinstance(exc, SpellError):
             raise
@@ -2030,7 +3344,9 @@ def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
             raise CastError("billing enabled requires matching entitlement token")
         log["summary"]["license"] = {"licensed": True, "name": name}
     check_connector_tokens(manifest["permissions"], env)
-    docker = docker_settings(env) if manifest["runtime"]["execution"] == "docker" else None
+    docker = None
+    if manifest["runtime"]["execution"] == "docker":
+        docker = docker_settings(env, manifest["runtime"]["docker_image"])
 
     io.out(execution_summary(manifest))
     if opts.get("dry_run"):
@@ -2100,13 +3416,281 @@ def cmd_cast(args, io) -> int:
 
 # Docker ######################################################################
 
+#: Where the read-only bundle, the runner's input and the working copy live.
+CONTAINER_BUNDLE = "/spell"
+CONTAINER_INPUT_DIR = "/tmp/spell-input"
+CONTAINER_WORKDIR = "/spell-work"
+#: The working copy's tmpfs allows exec (steps run from it); /tmp stays noexec.
+#: It is owned by the container user (docker ignores a tmpfs ``mode=``).
+WORKDIR_TMPFS = "rw,exec,nosuid,nodev,size=64m"
+TMP_TMPFS = "rw,noexec,nosuid,size=64m"
+DEFAULT_DOCKER_USER = "65532:65532"
+DEFAULT_PIDS_LIMIT = 256
+#: After the execution deadline the runner reports itself; the container is
+#: killed if it has not finished this much later.
+DOCKER_KILL_GRACE_S = 1.0
+#: Bound for the small docker commands (kill, rm) that clean up.
+DOCKER_CLEANUP_TIMEOUT_S = 20
+#: The runner prints one JSON line of capped outputs; more is not read.
+DOCKER_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
+_MEMORY_RE = re.compile(r"^[0-9]+[bkmg]?$", re.IGNORECASE)
+#: A decimal number as JavaScript's Number() reads it (hex and friends are
+#: refused: docker could not read them either).
+_DECIMAL_RE = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
+_IMAGE_BAD_RE = re.compile(r"[\s\x00-\x1f\x7f]")
 
-def docker_settings(env) -> dict:
-    raise SpellError("docker execution: not implemented yet")
+
+class DockerError(CastError):
+    error_code = "DOCKER_FAILED"
 
 
-def run_in_docker(manifest, bundle_dir, merged, limits, docker, env, io, *, verbose):
-    raise SpellError("docker execution: not implemented yet")
+def docker_settings(env, image: str) -> dict:
+    """Validate the SPELL_DOCKER_* overrides and the image, before the summary.
+
+    Order and messages are the original's: network, user, read-only, pids,
+    memory, cpus.
+    """
+    if image.startswith("-") or _IMAGE_BAD_RE.search(image):
+        raise DockerError(f"invalid docker image name: {image}")
+    network = js_trim(env.get("SPELL_DOCKER_NETWORK", "")) or "none"
+    if network not in ("none", "bridge", "host"):
+        raise DockerError("SPELL_DOCKER_NETWORK must be one of: none, bridge, host")
+    raw_user = env.get("SPELL_DOCKER_USER")
+    user = DEFAULT_DOCKER_USER if raw_user is None else js_trim(raw_user)
+    if re.search(r"\s", user):
+        raise DockerError("SPELL_DOCKER_USER must not contain whitespace")
+    read_only = js_trim(env.get("SPELL_DOCKER_READ_ONLY", "")) or "1"
+    if read_only not in ("0", "1"):
+        raise DockerError("SPELL_DOCKER_READ_ONLY must be '1' or '0'")
+    pids = parse_js_integer(env.get("SPELL_DOCKER_PIDS_LIMIT"), "SPELL_DOCKER_PIDS_LIMIT",
+                            0, DEFAULT_PIDS_LIMIT)
+    memory = js_trim(env.get("SPELL_DOCKER_MEMORY", ""))
+    if memory and not _MEMORY_RE.match(memory):
+        raise DockerError("SPELL_DOCKER_MEMORY must be a positive integer optionally "
+                          "suffixed with b, k, m, or g")
+    cpus = js_trim(env.get("SPELL_DOCKER_CPUS", ""))
+    if cpus:
+        # float() alone would take "1_5", "nan" or other scripts' digits.
+        value = float(cpus) if _DECIMAL_RE.match(cpus) else float("nan")
+        if not (value > 0 and value != float("inf")):
+            raise DockerError("SPELL_DOCKER_CPUS must be a number > 0")
+    return {"image": image, "network": network, "user": user, "read_only": read_only == "1",
+            "pids_limit": pids, "memory": memory, "cpus": cpus}
+
+
+def _tmpfs_owner(user: str) -> str:
+    """``,uid=U,gid=G`` for a numeric ``--user``, so that user can write the copy."""
+    match = re.match(r"^([0-9]+)(?::([0-9]+))?$", user)
+    if not match:
+        return ""  # the image's default user (or a named one) owns nothing special
+    uid, gid = match.group(1), match.group(2) or match.group(1)
+    return f",uid={uid},gid={gid}"
+
+
+def docker_run_args(settings: dict, bundle_dir: str, share_dir: str, name: str,
+                    passed_env: list[str], *, events: bool) -> list[str]:
+    """The ``docker run`` argument list; environment values never appear in it."""
+    for path in (bundle_dir, share_dir):
+        if "," in path or ":" in path:
+            raise DockerError(f"cannot mount a path holding ',' or ':': {path}")
+    args = ["run", "--rm", "--pull", "never", "--name", name,
+            "--network", settings["network"], "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges",
+            "--tmpfs", f"/tmp:{TMP_TMPFS}",
+            "--tmpfs", f"{CONTAINER_WORKDIR}:{WORKDIR_TMPFS}{_tmpfs_owner(settings['user'])}",
+            "--workdir", CONTAINER_BUNDLE,
+            "-v", f"{bundle_dir}:{CONTAINER_BUNDLE}:ro",
+            "-v", f"{share_dir}:{CONTAINER_INPUT_DIR}:ro",
+            "-e", f"INPUT_JSON={CONTAINER_INPUT_DIR}/input.json"]
+    if settings["read_only"]:
+        args.append("--read-only")
+    if settings["user"]:
+        args += ["--user", settings["user"]]
+    if settings["pids_limit"]:
+        args += ["--pids-limit", str(settings["pids_limit"])]
+    if settings["memory"]:
+        args += ["--memory", settings["memory"]]
+    if settings["cpus"]:
+        args += ["--cpus", settings["cpus"]]
+    for variable in passed_env:
+        args += ["-e", variable]  # the value comes from the client's environment
+    args += ["--", settings["image"], "spell-runner", "--plan",
+             f"{CONTAINER_INPUT_DIR}/plan.json"]
+    if events:
+        args.append("--events")
+    return args
+
+
+def _passed_environment(manifest: dict, env) -> dict:
+    """Connector tokens and the step timeout: all the container sees of the host."""
+    passed = {}
+    for permission in manifest["permissions"]:
+        name = connector_env_name(permission["connector"])
+        value = env.get(name)
+        if value is not None and js_trim(value):
+            passed[name] = value
+    step_timeout = env.get("SPELL_RUNTIME_STEP_TIMEOUT_MS")
+    if step_timeout is not None and js_trim(step_timeout):
+        passed["SPELL_RUNTIME_STEP_TIMEOUT_MS"] = js_trim(step_timeout)
+    return passed
+
+
+def _docker_failure(stderr: str, code: int, image: str) -> DockerError:
+    """Word a failure of docker itself (not of the spell) for the user."""
+    text = " ".join(stderr.split())
+    lowered = text.lower()
+    if "cannot connect to the docker daemon" in lowered or "error during connect" in lowered \
+            or "is the docker daemon running" in lowered:
+        return DockerError(f"docker daemon is not reachable: {text}")
+    if "no such image" in lowered or "unable to find image" in lowered \
+            or "pull access denied" in lowered:
+        return DockerError(f"docker image not found: {image} (build it locally; "
+                           f"see docs/docker.md)")
+    if code in (126, 127) or "executable file not found" in lowered:
+        return DockerError(f"docker image {image} cannot run spell-runner "
+                           f"(put spell_runner.pyz on its PATH; see docs/docker.md): {text}")
+    return DockerError(text or f"docker exited with code {code}")
+
+
+def _docker_cleanup(name: str, client_env: dict) -> None:
+    for command in (["kill", name], ["rm", "-f", name]):
+        try:
+            subprocess.run(["docker", *command], env=client_env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=DOCKER_CLEANUP_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
+                  settings: dict, env, io, *, verbose: bool) -> dict:
+    """Run the steps in a hardened container through ``spell-runner``.
+
+    The runner gets a plan (validated manifest parts, input, limits) as JSON
+    readable by any uid, copies the steps to an exec-capable tmpfs and prints
+    one JSON result, which is read whatever its exit code.  The container has
+    a unique name and is killed on timeout or interruption.
+    """
+    import tempfile
+    import threading
+
+    timeout_ms = limits["execution_timeout_ms"]
+    started = time.monotonic()
+    passed = _passed_environment(manifest, env)
+    client_env = dict(step_environment(env), **passed)
+    workdir = tempfile.mkdtemp(prefix="spell-docker-")  # 0700: other users stay out
+    name = f"spell-{secrets.token_hex(8)}"
+    proc = None
+    try:
+        share = os.path.join(workdir, "share")
+        os.mkdir(share, 0o755)
+        os.chmod(share, 0o755)  # the container's uid must read it
+        plan = {"bundle_dir": CONTAINER_BUNDLE, "workdir_copy_to": CONTAINER_WORKDIR,
+                "steps": manifest["steps"], "checks": manifest["checks"], "input": merged,
+                "input_path": f"{CONTAINER_INPUT_DIR}/input.json", "env": {},
+                "step_timeout_ms": limits["step_timeout_ms"],
+                "execution_timeout_ms": timeout_ms}
+        for filename, value in (("input.json", merged), ("plan.json", plan)):
+            write_atomic(os.path.join(share, filename), spell_runner.dumps_js(value), 0o644)
+        args = docker_run_args(settings, bundle_dir, share, name, sorted(passed),
+                               events=verbose)
+        on_event = _progress_printer(io, secret_values(env, merged)) if verbose else None
+        if verbose:
+            io.err(f"[spell] starting docker execution in {escape_text(settings['image'])}")
+        try:
+            proc = subprocess.Popen(["docker", *args], env=client_env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise DockerError("docker not found: install docker and ensure it is on PATH") \
+                from None
+        stderr_lines: list[str] = []
+
+        def pump_stderr():
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if on_event and line.startswith("{"):
+                    try:
+                        on_event(json.loads(line))
+                        continue
+                    except ValueError:
+                        pass
+                if len(stderr_lines) < 200:
+                    stderr_lines.append(line)
+
+        reader = threading.Thread(target=pump_stderr, daemon=True)
+        reader.start()
+        limit = None if timeout_ms is None else timeout_ms / 1000 + DOCKER_KILL_GRACE_S
+        timer_fired = threading.Event()
+        timer = None
+        if limit is not None:
+            def expire():
+                timer_fired.set()
+                _docker_cleanup(name, client_env)
+
+            timer = threading.Timer(max(0.0, limit - (time.monotonic() - started)), expire)
+            timer.daemon = True
+            timer.start()
+        try:
+            stdout = _read_capped(proc.stdout, DOCKER_OUTPUT_MAX_BYTES)
+            code = proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+        reader.join(timeout=5)
+        if timer_fired.is_set():
+            raise CastError(f"cast execution timed out after {timeout_ms}ms")
+        return _docker_result(stdout, code, "\n".join(stderr_lines), settings["image"])
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            _docker_cleanup(name, client_env)
+        raise
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            _docker_cleanup(name, client_env)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_capped(stream, limit: int) -> bytes:
+    """Read a stream to its end, keeping at most ``limit`` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        if size < limit:
+            chunks.append(chunk[: limit - size])
+            size += len(chunks[-1])
+
+
+def _docker_result(stdout: bytes, code: int, stderr: str, image: str) -> dict:
+    text = stdout.decode("utf-8", "replace").strip()
+    if not text:
+        if code != 0:
+            raise _docker_failure(stderr, code, image)
+        raise DockerError("docker runner produced no output")
+    try:
+        result = parse_json_text(text)
+    except (ValueError, RecursionError):
+        if code != 0:
+            raise _docker_failure(stderr, code, image)
+        raise DockerError("failed to parse docker runner output JSON") from None
+    if not isinstance(result, dict):
+        raise DockerError("docker runner output must be a JSON object")
+    normalised = {
+        "success": bool(result.get("success")),
+        "stepResults": result.get("stepResults") if isinstance(result.get("stepResults"), list)
+        else [],
+        "outputs": result.get("outputs") if isinstance(result.get("outputs"), dict) else {},
+        "checks": result.get("checks") if isinstance(result.get("checks"), list) else [],
+    }
+    if not normalised["success"]:
+        error = result.get("error")
+        normalised["error"] = error if isinstance(error, str) and error else "docker spell failed"
+    return normalised
 
 
 # Execution API ###############################################################

@@ -3,16 +3,17 @@
 
 This machine reaches Debian's package archive but no image registry, so the
 base image is assembled from Debian packages: ``apt-get download`` fetches
-python3.11, dash, coreutils and the libraries they load; ``dpkg-deb -x``
-unpacks them into a root folder; a few files are added (a ``nonroot`` user
-with uid/gid 65532, ``/tmp``, a ``python3`` link, precompiled stdlib); and
-``docker import`` turns the folder into ``spell-base:<hash>``.
+python3.11, dash, coreutils, sed, grep and the libraries they load;
+``dpkg-deb -x`` unpacks them into a root folder; a few files are added (a
+``nonroot`` user with uid/gid 65532, ``/tmp``, a ``python3`` link, the
+precompiled standard library); and ``docker import`` turns the folder into
+``spell-base:<hash>``.
 
 The runner image ``spell-runner-test:<hash>`` is that base plus a given
 ``spell_runner.pyz``, installed as ``/usr/local/lib/spell_runner.pyz`` with a
 ``/usr/local/bin/spell-runner`` shell wrapper (so the zipapp's own shebang
-does not matter). It is also tagged ``spell-runner-test:latest``, the image
-that ``fixtures/spells/docker`` names.
+does not matter). The command line also tags it ``spell-runner-test:latest``,
+the image that ``fixtures/spells/docker`` names.
 
 Both tags are content hashes of their inputs (package versions and
 checksums, the recipe, the pyz bytes), and an image whose tag already exists
@@ -20,12 +21,17 @@ is not built again. Downloaded packages are kept in ``/tmp/spell-image-cache``
 (override with ``SPELL_IMAGE_CACHE``). Builds are serialised with a lock file,
 so parallel test processes may call the ``ensure_*`` functions safely.
 
-Used by the tests (``ensure_base_image()``, ``ensure_runner_image(pyz)``) and
-from the shell::
+Docker commands go to ``$DOCKER_HOST``; when it is unset and no default
+engine socket exists, to the private engine of tests/support/docker-engine.sh
+if its socket is there (see ``engine_env()``).
+
+Used by the tests (``require_engine()``, ``ensure_base_image()``,
+``ensure_runner_image(pyz)``, ``bridge_gateway()``) and from the shell::
 
     python3 tests/support/images.py [--pyz dist/spell_runner.pyz] [--base]
 
-which prints the tag. Standard library only.
+which prints the tag. Standard library only; building needs root (chroot,
+chown) and apt.
 """
 
 import argparse
@@ -48,7 +54,7 @@ RECIPE_VERSION = "1"
 BASE_REPO = "spell-base"
 RUNNER_REPO = "spell-runner-test"
 
-#: The closure of python3.11, dash and coreutils, found with
+#: The closure of python3.11, dash, coreutils, sed and grep, found with
 #: ``apt-cache depends --recurse --no-recommends`` and trimmed of what only
 #: package management needs (dpkg, perl, tar, install-info). Every shared
 #: library that the interpreter's extension modules load is here, so json,
@@ -57,8 +63,9 @@ BASE_PACKAGES = (
     # interpreter and standard library
     "python3.11", "python3.11-minimal",
     "libpython3.11-minimal", "libpython3.11-stdlib", "media-types",
-    # shell and basic commands for shell steps (sh, sleep, echo, cat, id, env)
-    "dash", "coreutils", "debianutils",
+    # shell and basic commands for shell steps (sh, sleep, echo, cat, id,
+    # env, sed, grep)
+    "dash", "coreutils", "debianutils", "sed", "grep",
     # C runtime
     "libc6", "libgcc-s1", "gcc-12-base", "libcrypt1",
     # libraries of coreutils
@@ -114,6 +121,10 @@ RUNNER_DOCKERFILE = (
 
 APT_QUIET = ("-q", "-o", "APT::Sandbox::User=root")
 
+#: The socket of the private engine that tests/support/docker-engine.sh starts.
+PRIVATE_ENGINE = "/tmp/spell-dockerd/docker.sock"
+DEFAULT_ENGINE = "/var/run/docker.sock"
+
 
 def cache_dir() -> Path:
     """Where packages and the build lock live."""
@@ -126,8 +137,26 @@ class ImageError(Exception):
     """An image could not be built; the message says which step failed."""
 
 
+def engine_env(environ=None) -> dict:
+    """A copy of *environ* whose DOCKER_HOST points at an engine, if known.
+
+    An explicit DOCKER_HOST wins; otherwise the default socket; otherwise the
+    private engine's socket when it exists.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("DOCKER_HOST") and not os.path.exists(DEFAULT_ENGINE):
+        private = os.environ.get("SPELL_DOCKERD_DIR")
+        sock = (os.path.join(private, "docker.sock") if private
+                else PRIVATE_ENGINE)
+        if os.path.exists(sock):
+            env["DOCKER_HOST"] = f"unix://{sock}"
+    return env
+
+
 def _run(cmd, *, cwd=None, env=None, stdin=None):
     """Run *cmd*, return its stdout as text; raise ImageError on failure."""
+    if env is None and cmd[0] == "docker":
+        env = engine_env()
     try:
         proc = subprocess.run(
             cmd, cwd=cwd, env=env, stdin=stdin if stdin is not None
@@ -143,13 +172,35 @@ def _run(cmd, *, cwd=None, env=None, stdin=None):
 
 
 def docker_available() -> bool:
-    """True when ``docker info`` answers with the current environment."""
+    """True when ``docker info`` answers (with ``engine_env()``)."""
     if shutil.which("docker") is None:
         return False
-    proc = subprocess.run(
-        ["docker", "info", "--format", "{{.ServerVersion}}"],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    try:
+        proc = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            env=engine_env(), stdin=subprocess.DEVNULL, capture_output=True,
+            timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
     return proc.returncode == 0
+
+
+def require_engine() -> dict:
+    """For tests: return ``engine_env()`` if an engine answers, else stop.
+
+    Under ``CI=true`` a missing engine fails the test (tests/run.sh makes
+    docker mandatory there); elsewhere the test is skipped with the reason.
+    """
+    import pytest
+
+    if docker_available():
+        return engine_env()
+    reason = ("no docker engine answers: run "
+              "'bash tests/support/docker-engine.sh start' and export the "
+              "DOCKER_HOST it prints (or use tests/run.sh)")
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true needs docker: {reason}")
+    pytest.skip(reason)
 
 
 def bridge_gateway() -> str:
@@ -171,7 +222,7 @@ def image_exists(tag: str) -> bool:
     """True when the engine has an image called *tag*."""
     proc = subprocess.run(
         ["docker", "image", "inspect", "--format", "{{.Id}}", tag],
-        stdin=subprocess.DEVNULL, capture_output=True)
+        env=engine_env(), stdin=subprocess.DEVNULL, capture_output=True)
     return proc.returncode == 0
 
 
@@ -396,10 +447,12 @@ def runner_image_tag(base: str, pyz: bytes) -> str:
     return f"{RUNNER_REPO}:{digest.hexdigest()[:16]}"
 
 
-def ensure_runner_image(pyz_path, *, latest: bool = True) -> str:
+def ensure_runner_image(pyz_path, *, latest: bool = False) -> str:
     """Return the tag of base + *pyz_path*, building it first if needed.
 
-    With *latest*, ``spell-runner-test:latest`` is pointed at it too.
+    With *latest*, ``spell-runner-test:latest`` is pointed at it too; the
+    command line does that for the real runner, tests should not (another
+    test may be using ``latest``).
     """
     pyz_path = Path(pyz_path)
     if not pyz_path.is_file():
@@ -427,7 +480,7 @@ def _build_runner(base: str, pyz: bytes, tag: str) -> None:
         (ctx / "spell-runner").chmod(0o755)
         # The classic builder needs no buildx plugin and no network for a
         # FROM that is already local.
-        env = dict(os.environ, DOCKER_BUILDKIT="0")
+        env = dict(engine_env(), DOCKER_BUILDKIT="0")
         _run(["docker", "build", "-q", "-t", tag, str(ctx)], env=env)
 
 
@@ -456,7 +509,10 @@ def main(argv=None) -> int:
             return 1
         pyz = default
     try:
-        tag = ensure_base_image() if args.base else ensure_runner_image(pyz)
+        if args.base:
+            tag = ensure_base_image()
+        else:
+            tag = ensure_runner_image(pyz, latest=True)
     except ImageError as exc:
         print(f"images.py: error: {exc}", file=sys.stderr)
         return 1
