@@ -219,8 +219,9 @@ def _can_build_offline() -> bool:
 def test_pip_install(tmp_path, store):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("spell.py", "spell_runner.py", "pyproject.toml"):
-        shutil.copyfile(REPO_ROOT / name, src / name)
+    for name in ("spell.py", "spell_runner.py", "pyproject.toml", "README.md"):
+        if (REPO_ROOT / name).exists():
+            shutil.copyfile(REPO_ROOT / name, src / name)
     target = tmp_path / "target"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                     "--no-build-isolation", "--target", str(target), str(src)],
