@@ -1269,10 +1269,12 @@ def _commit_install(root: str, manifest: dict, provenance: dict) -> None:
 
 
 def _read_id_file(path: str) -> str | None:
+    """The trimmed id in ``spell.id.txt``; None if it is missing or not a small file."""
     try:
-        return js_trim(read_file(path, 4096, "spell.id.txt").decode("utf-8", "replace"))
-    except OSError:
+        data = read_file(path, 4096, "spell.id.txt")
+    except (OSError, SpellError):
         return None
+    return js_trim(data.decode("utf-8", "replace"))
 
 
 def _version_dirs(id_dir: str) -> list[str]:
