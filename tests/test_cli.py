@@ -168,7 +168,8 @@ def _modules_after(argv, env):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["list"], ["log", "x"], ["trust", "--help"],
-                                  ["inspect", "a/b"]])
+                                  ["inspect", "a/b"], ["trust", "list"], ["license", "list"],
+                                  ["cast", "a/b", "--allow-unsigned"]])
 def test_light_commands_import_no_heavy_dependency(store, argv):
     import os
 

@@ -120,6 +120,15 @@ def test_missing_dependency_is_one_line(run_pyz, bare_python, make_bundle):
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", MISSING_YAML)
 
 
+def test_missing_cryptography_is_named(run_pyz, bare_python, tmp_path):
+    proc = run_pyz("sign", "keygen", "pub", "--out-dir", tmp_path / "keys",
+                   python_flags=bare_python)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (
+        "missing dependency: the Python package 'cryptography' is not installed "
+        "(install it with: python3 -m pip install cryptography)\n")
+
+
 def test_help_and_empty_list_work_without_dependencies(run_pyz, bare_python):
     proc = run_pyz("--help", python_flags=bare_python)
     assert (proc.returncode, proc.stderr) == (0, "")
