@@ -4101,7 +4101,7 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
     )
 
     p = command("help", None, "display help for command")
-    p.add_argument("topic", nargs="?", metavar="command")
+    p.add_argument("topic", nargs="*", metavar="command")
     p.set_defaults(func=None, help_topic=True)
     return parser
 
@@ -4138,11 +4138,14 @@ def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
             target = getattr(args, "parser", None) or parser
             target.error(f"unrecognized arguments: {' '.join(extras)}")
         if getattr(args, "help_topic", False):
-            target = _subparser(parser, args.topic) if args.topic else parser
-            if target is None:
-                raise UsageError(
-                    f"error: unknown command '{args.topic}'", parser.format_help()
-                )
+            target = parser
+            for name in args.topic:  # `spell help trust add` walks the groups
+                target = _subparser(target, name)
+                if target is None:
+                    topic = " ".join(args.topic)
+                    raise UsageError(
+                        f"error: unknown command '{topic}'", parser.format_help()
+                    )
             target.print_help(io.stdout)
             return 0
         func = getattr(args, "func", None)

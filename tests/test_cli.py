@@ -94,6 +94,11 @@ def test_help_command(run_cli):
     assert out.startswith("usage: spell install") and "git requires #<ref>" in out
     code, out, err = run_cli("help", "trust")
     assert code == 0 and out.startswith("usage: spell trust")
+    code, out, err = run_cli("help", "trust", "add")
+    assert code == 0 and out.startswith("usage: spell trust add")
+    code, out, err = run_cli("help", "list", "x")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: unknown command 'list x'\n")
     code, out, err = run_cli("help", "nope")
     assert (code, out) == (1, "")
     assert err.startswith("error: unknown command 'nope'\n")
