@@ -1965,7 +1965,18 @@ def _check_label(value: str, label: str) -> str:
         raise SpellError(f"{label} must not contain control characters")
     if js_trim(value) != value:
         raise SpellError(f"{label} must not start or end with whitespace")
+    if not _is_utf8(value):
+        raise SpellError(f"{label} must be valid UTF-8")
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates (undecodable bytes from argv)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def cmd_sign_keygen(args, io) -> int:
@@ -2261,6 +2272,8 @@ def cmd_trust_list(args, io) -> int:
 
 
 def cmd_trust_remove(args, io) -> int:
+    if not _is_utf8(args.publisher):
+        raise NotFound(f"trusted publisher not found: {args.publisher}")
     path = trust_file_path(args.publisher)
     try:
         os.unlink(path)
@@ -2499,6 +2512,8 @@ def _license_name(name: str) -> str:
     trimmed = js_trim(name)
     if not trimmed:
         raise LicenseError("license name must be non-empty")
+    if not _is_utf8(trimmed):
+        raise LicenseError("license name must be valid UTF-8")
     if len(os.path.basename(license_path(trimmed)).encode()) > NAME_MAX:
         raise LicenseError(
             f"license name is too long: its file name would exceed {NAME_MAX} bytes"
@@ -2630,17 +2645,11 @@ def find_matching_license(billing: dict, now) -> str | None:
     return None
 
 
-def _utc_now():
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
 def cmd_license_add(args, io) -> int:
     name = _license_name(args.name)
     if not js_trim(args.token):
         raise LicenseError("license token must be non-empty")
-    parsed = verify_entitlement_token(args.token, _utc_now())
+    parsed = verify_entitlement_token(args.token, time.time())
     path = license_path(name)
     existing = _load_license(path, name, strict=True)
     now = iso_now()
@@ -2679,9 +2688,10 @@ def cmd_license_remove(args, io) -> int:
     name = js_trim(args.name)
     if not name:
         raise LicenseError("license name must be non-empty")
-    path = license_path(name)
+    if not _is_utf8(name):
+        raise NotFound(f"license not found: {args.name}")
     try:
-        os.unlink(path)
+        os.unlink(license_path(name))
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
             raise NotFound(f"license not found: {args.name}") from None
@@ -3488,11 +3498,7 @@ def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
     log["input"] = merged
     validate_input(load_schema(bundle_dir, manifest), merged)
 
-    try:
-        result = verify_bundle(manifest, bundle_dir)
-    except (SpellError, OSError, ValueError) as exc:
-        text = exc.message if isinstance(exc, SpellError) else str(exc)
-        result = {"ok": False, "status": "invalid", "publisher": publisher, "message": text}
+    result = verify_bundle(manifest, bundle_dir)  # reports problems as "invalid"
     log["signature"] = signature_log_block(result, required)
     if required and not result["ok"]:
         raise SignatureError(f"signature required: {result['message']}")

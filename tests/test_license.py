@@ -547,3 +547,34 @@ def test_vector_token_as_a_licence(home):
         == "vec"
     )
     assert vector_key()
+
+
+def test_cast_only_unlocks_billing_with_a_verified_licence(home, issuer, fixtures_dir):
+    assert run("install", str(fixtures_dir / "billing"))[0] == 0
+    cast = (
+        "cast",
+        "fixtures/billing",
+        "--allow-unsigned",
+        "--allow-billing",
+        "--dry-run",
+    )
+    code, out, err = run(*cast)
+    assert (code, err) == (1, "billing enabled requires matching entitlement token\n")
+
+    run("license", "add", "dev", make_token(issuer, currency="usd", max_amount=15))
+    code, out, err = run(*cast)
+    assert code == 0, err
+    log_path = [line[5:] for line in out.splitlines() if line.startswith("log: ")][0]
+    with open(log_path) as handle:
+        log = json.load(handle)
+    assert log["summary"]["license"] == {"licensed": True, "name": "dev"}
+
+    assert run("trust", "remove", "entitlement-dev")[0] == 0
+    code, _, err = run(*cast)
+    assert (code, err) == (1, "billing enabled requires matching entitlement token\n")
+
+    trust("entitlement-dev", issuer, "k1")
+    path = home / "licenses" / (spell.id_key("dev") + ".json")
+    path.write_text(json.dumps(v2_record(make_token(new_key()))))
+    code, _, err = run(*cast)
+    assert (code, err) == (1, "billing enabled requires matching entitlement token\n")

@@ -17,7 +17,7 @@ from trust_helpers import (
     VECTOR_PUBLIC,
     home,
     last_line,
-    make_bundle,
+    write_bundle,
     manifest_of,
     new_key,
     pem_of,
@@ -83,7 +83,7 @@ def test_digest_framing_and_byte_order_differs(tmp_path):
 
 
 def test_digest_ignores_root_extras_but_covers_hidden_step_files(tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     before = spell.bundle_digest(str(bundle))
     (bundle / ".hidden").write_text("x")
     (bundle / "source.json").write_text("{}")
@@ -95,7 +95,7 @@ def test_digest_ignores_root_extras_but_covers_hidden_step_files(tmp_path):
 
 
 def test_digest_streams_in_chunks(tmp_path, monkeypatch):
-    bundle = make_bundle(tmp_path / "b", steps={"big.bin": "x" * 100_000})
+    bundle = write_bundle(tmp_path / "b", steps={"big.bin": "x" * 100_000})
     expected = spell.bundle_digest(str(bundle))
     reads = []
     real_read = os.read
@@ -111,7 +111,7 @@ def test_digest_streams_in_chunks(tmp_path, monkeypatch):
 
 
 def test_digest_refuses_symlinks_and_special_files(tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     link = bundle / "steps" / "link.sh"
     link.symlink_to(bundle / "steps" / "main.sh")
     with pytest.raises(spell.SpellError, match="^symlink is not allowed in steps/: "):
@@ -126,7 +126,7 @@ def test_digest_refuses_symlinks_and_special_files(tmp_path):
 
 
 def test_digest_root_files(tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     (bundle / "schema.json").unlink()
     with pytest.raises(spell.SpellError, match="^schema.json not found$"):
         spell.bundle_digest(str(bundle))
@@ -136,7 +136,7 @@ def test_digest_root_files(tmp_path):
     (bundle / "spell.yaml").unlink()
     with pytest.raises(spell.SpellError, match="^spell.yaml not found$"):
         spell.bundle_digest(str(bundle))
-    other = make_bundle(tmp_path / "c")
+    other = write_bundle(tmp_path / "c")
     (other / "steps" / "main.sh").unlink()
     (other / "steps").rmdir()
     (other / "steps").write_text("")
@@ -145,7 +145,7 @@ def test_digest_root_files(tmp_path):
 
 
 def test_digest_file_swapped_for_fifo_after_listing(tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     files = spell.bundle_files(str(bundle))
     (bundle / "steps" / "main.sh").unlink()
     os.mkfifo(bundle / "steps" / "main.sh")
@@ -245,7 +245,7 @@ def test_keygen_validates_labels(home, tmp_path, publisher, key_id, message):
 
 
 def test_sign_bundle_verifies_with_cryptography_alone(home, tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     key = new_key()
     (tmp_path / "k.pem").write_bytes(pem_of(key))
     code, out, err = run(
@@ -280,7 +280,7 @@ def test_sign_bundle_verifies_with_cryptography_alone(home, tmp_path):
 
 
 def test_sign_bundle_publisher_mismatch(home, tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     (tmp_path / "k.pem").write_bytes(pem_of(new_key()))
     code, _, err = run(
         "sign",
@@ -331,7 +331,7 @@ def encrypted_pem():
     ],
 )
 def test_sign_bundle_refuses_bad_keys(home, tmp_path, make, expected):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     (tmp_path / "k.pem").write_bytes(make())
     code, out, err = run("sign", "bundle", str(bundle), "--private-key", "k.pem")
     assert code == 1 and out == ""
@@ -340,7 +340,7 @@ def test_sign_bundle_refuses_bad_keys(home, tmp_path, make, expected):
 
 
 def test_sign_bundle_key_file_problems(home, tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     code, _, err = run("sign", "bundle", str(bundle), "--private-key", "missing.pem")
     assert (code, err) == (1, "private key file not found: missing.pem\n")
     code, _, err = run("sign", "bundle", str(bundle), "--private-key", "/dev/zero")
@@ -360,7 +360,7 @@ def test_sign_bundle_key_file_problems(home, tmp_path):
 @pytest.fixture
 def signed(home, tmp_path):
     """A bundle signed by hand with a trusted key: (bundle, manifest, key)."""
-    bundle = make_bundle(
+    bundle = write_bundle(
         tmp_path / "b", steps={"main.sh": "echo hi\n", "lib/x.sh": "x\n"}
     )
     key = new_key()
@@ -395,7 +395,7 @@ def test_verified(signed):
 
 
 def test_sign_bundle_output_verifies(home, tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     key = new_key()
     (tmp_path / "k.pem").write_bytes(pem_of(key))
     assert run("sign", "bundle", str(bundle), "--private-key", "k.pem")[0] == 0
@@ -404,7 +404,7 @@ def test_sign_bundle_output_verifies(home, tmp_path):
 
 
 def test_unsigned(home, tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     result = verify(bundle)
     assert result == {
         "ok": False,
@@ -598,7 +598,7 @@ SIG_HEAD = (
     ],
 )
 def test_malformed_signature_files_are_invalid(home, tmp_path, content, message):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     (bundle / "spell.sig.json").write_text(content)
     result = verify(bundle)
     assert result["status"] == "invalid" and result["ok"] is False
@@ -607,7 +607,7 @@ def test_malformed_signature_files_are_invalid(home, tmp_path, content, message)
 
 
 def test_signature_file_must_be_a_small_regular_file(home, tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     os.mkfifo(bundle / "spell.sig.json")
     assert (
         verify(bundle)["message"] == "failed to read spell.sig.json: not a regular file"
@@ -678,7 +678,7 @@ def test_verify_command(signed, home, tmp_path):
 
 
 def test_verify_command_unsigned_and_missing(home, tmp_path):
-    bundle = make_bundle(tmp_path / "b")
+    bundle = write_bundle(tmp_path / "b")
     assert run("install", str(bundle))[0] == 0
     code, out, err = run("verify", "pub/signed")
     assert code == 1

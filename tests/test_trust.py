@@ -306,3 +306,23 @@ def test_strict_trust_load_special_and_oversized_files(home):
 def test_hand_written_trust_file_loads(home):
     write_trust(home, "pub", [("k1", VECTOR_PUBLIC)])
     assert spell.load_trust("pub")["keys"][0]["public_key"] == VECTOR_PUBLIC
+
+
+def test_undecodable_arguments_are_refused(home):
+    bad = b"\xff".decode("utf-8", "surrogateescape")
+    assert run("trust", "add", bad, VECTOR_PUBLIC) == (
+        1,
+        "",
+        "publisher must be valid UTF-8\n",
+    )
+    assert run("trust", "remove", bad) == (
+        1,
+        "",
+        f"trusted publisher not found: {bad}\n",
+    )
+    assert run("license", "add", bad, "x") == (
+        1,
+        "",
+        "license name must be valid UTF-8\n",
+    )
+    assert run("license", "remove", bad) == (1, "", f"license not found: {bad}\n")

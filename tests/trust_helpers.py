@@ -65,14 +65,11 @@ checks:
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A private HOME and store for one test; returns the store folder."""
-    user_home = tmp_path / "home"
-    user_home.mkdir()
-    monkeypatch.setenv("HOME", str(user_home))
-    monkeypatch.delenv("SPELL_HOME", raising=False)
+def home(store, monkeypatch, tmp_path):
+    """The conftest ``store`` (HOME and SPELL_HOME in ``tmp_path``), run from
+    ``tmp_path`` so relative paths land there; returns the store folder."""
     monkeypatch.chdir(tmp_path)
-    return user_home / ".spell"
+    return store
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -82,7 +79,7 @@ def run(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def make_bundle(
+def write_bundle(
     path,
     spell_id: str = "pub/signed",
     version: str = "1.0.0",

@@ -71,7 +71,9 @@ def api_base():
         parsed.scheme == "http" and parsed.hostname in LOOPBACK_HOSTS
     ):
         return base.rstrip("/")
-    raise Failure(f"GITHUB_API_URL must be https (or http to a loopback address): {base}")
+    raise Failure(
+        f"GITHUB_API_URL must be https (or http to a loopback address): {base}"
+    )
 
 
 def send(method, url, token, body=None):
@@ -91,7 +93,9 @@ def send(method, url, token, body=None):
             message = json.loads(exc.read().decode("utf-8")).get("message", "")
         except (ValueError, AttributeError, UnicodeDecodeError):
             message = ""
-        raise Failure(f"github answered {exc.code} to {method} {url}: {message}") from None
+        raise Failure(
+            f"github answered {exc.code} to {method} {url}: {message}"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise Failure(f"github request failed: {method} {url}: {reason}") from None
@@ -99,7 +103,7 @@ def send(method, url, token, body=None):
 
 def tag_on_github(repository, branch, tag, sha, token, push):
     base = f"{api_base()}/repos/{repository}"
-    shown = "authorization: Bearer $CONNECTOR_GITHUB_TOKEN"
+    shown = "authenticated by CONNECTOR_GITHUB_TOKEN"
     if sha is None:
         url = f"{base}/git/ref/heads/{urllib.parse.quote(branch)}"
         if not push:
