@@ -3600,8 +3600,10 @@ DEFAULT_PIDS_LIMIT = 256
 #: After the execution deadline the runner reports itself; the container is
 #: killed if it has not finished this much later.
 DOCKER_KILL_GRACE_S = 1.0
-#: Bound for the small docker commands (kill, rm) that clean up.
+#: Bound for the ``docker rm -f`` that cleans up.
 DOCKER_CLEANUP_TIMEOUT_S = 20
+#: Exit codes of spell-runner itself (success, spell failure); docker uses others.
+RUNNER_EXIT_CODES = (0, 1)
 #: The runner prints one JSON line of capped outputs; more is not read.
 DOCKER_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
 _MEMORY_RE = re.compile(r"^[0-9]+[bkmg]?$", re.IGNORECASE)
@@ -3724,13 +3726,13 @@ def _docker_failure(stderr: str, code: int, image: str) -> DockerError:
 
 
 def _docker_cleanup(name: str, client_env: dict) -> None:
-    for command in (["kill", name], ["rm", "-f", name]):
-        try:
-            subprocess.run(["docker", *command], env=client_env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=DOCKER_CLEANUP_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+    """Kill and remove the container (``rm -f`` does both); errors are ignored."""
+    try:
+        subprocess.run(["docker", "rm", "-f", name], env=client_env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=DOCKER_CLEANUP_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
@@ -3821,7 +3823,11 @@ def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            _docker_cleanup(name, client_env)
+            # With --rm the client returns only once the container is removed,
+            # so a runner exit (0 or 1) leaves nothing; anything else (a docker
+            # error, a killed client) may leave a created or running container.
+            if proc.returncode not in RUNNER_EXIT_CODES:
+                _docker_cleanup(name, client_env)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
