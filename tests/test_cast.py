@@ -394,3 +394,98 @@ def test_execution_ids_are_unique_within_one_millisecond():
     ids = {spell.execution_id_for("pub/x", "1.0.0", now) for _ in range(200)}
     assert len(ids) > 150  # 4 random hex digits; the log file is also created exclusively
     assert all(i.startswith(f"{stamp}_pub_x_1.0.0_") and i.endswith(".json") for i in ids)
+
+
+# The schema fast path ########################################################
+
+
+def _random_schema(rng, depth: int = 0) -> dict:
+    """A random schema of the keywords spell checks without jsonschema."""
+    scalars = [0, 1, 1.0, 2.5, -3, True, False, None, "", "a", "ab", "abc"]
+    schema: dict = {}
+    kinds = ["string", "integer", "number", "boolean", "null", "object", "array"]
+    keys = ["type", "required", "properties", "additionalProperties", "enum", "const",
+            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
+            "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "pattern",
+            "items", "title", "default"]
+    for key in rng.sample(keys, rng.randint(1, 6)):
+        if key == "type":
+            schema[key] = rng.choice(kinds) if rng.random() < 0.6 else rng.sample(kinds, 2)
+        elif key == "required":
+            schema[key] = rng.sample(["a", "b", "c"], rng.randint(0, 3))
+        elif key in ("properties", "items", "additionalProperties") and depth > 2:
+            continue
+        elif key == "properties":
+            schema[key] = {name: _random_schema(rng, depth + 1)
+                           for name in rng.sample(["a", "b", "c"], rng.randint(1, 3))}
+        elif key == "items":
+            schema[key] = _random_schema(rng, depth + 1)
+        elif key == "additionalProperties":
+            schema[key] = rng.choice([True, False])
+        elif key == "enum":
+            schema[key] = rng.sample(scalars, rng.randint(0, 3)) + (
+                [[1, True]] if rng.random() < 0.3 else [])
+        elif key == "const":
+            schema[key] = rng.choice(scalars + [[1], {"a": 1}, [True]])
+        elif key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            schema[key] = rng.choice([0, 1, 1.5, -2, 10])
+        elif key.startswith(("min", "max")):
+            schema[key] = rng.choice([0, 1, 2, 3, 2.0])
+        elif key == "pattern":
+            schema[key] = rng.choice(["^a", "b$", "[0-9]", "^$"])
+        else:
+            schema[key] = "annotation"
+    return schema
+
+
+def _random_value(rng, depth: int = 0):
+    pick = rng.random()
+    if depth < 3 and pick < 0.3:
+        return {name: _random_value(rng, depth + 1)
+                for name in rng.sample(["a", "b", "c", "d"], rng.randint(0, 4))}
+    if depth < 3 and pick < 0.45:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return rng.choice([0, 1, 1.0, 2.5, -3, 7, True, False, None, "", "a", "ab", "b1",
+                       "abc", [1, True], {"a": 1}, [1], [True]])
+
+
+def test_schema_fast_path_matches_jsonschema():
+    import random
+
+    import spell
+
+    rng = random.Random(20261203)
+    failing = 0
+    for _ in range(500):
+        schema = _random_schema(rng)
+        if rng.random() < 0.3:
+            schema["$schema"] = rng.choice(["http://json-schema.org/draft-07/schema#",
+                                            "https://json-schema.org/draft/2020-12/schema"])
+        assert spell._fast_schema(schema, True), schema
+        validator = spell._schema_validator(schema)
+        for _ in range(6):
+            value = _random_value(rng)
+            expected = [f"{spell._pointer(e.absolute_path)} {m}"
+                        for e in validator.iter_errors(value) for m in spell._ajv_messages(e)]
+            assert spell._fast_errors(schema, value) == expected, (schema, value)
+            failing += bool(expected)
+    assert failing > 1000  # the comparison is about errors, not only about valid input
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {}}},
+    {"type": "strin"},
+    {"required": ["a", "a"]},
+    {"minLength": -1},
+    {"minLength": True},
+    {"pattern": "("},
+    {"items": [{"type": "string"}]},
+    {"properties": {"a": False}},
+    {"$schema": "http://json-schema.org/draft-04/schema#"},
+    {"anyOf": [{}]},
+    {"properties": {"a": {"uniqueItems": True}}},
+])
+def test_schemas_outside_the_fast_path_go_to_jsonschema(schema):
+    import spell
+
+    assert not spell._fast_schema(schema, True)
