@@ -206,8 +206,8 @@ def escape_text(text: str) -> str:
 
 
 def js_number(value) -> str:
-    """A number as JavaScript prints it (``10`` not ``10.0``, ``1e+21``)."""
-    return spell_runner.dumps_js(value)
+    """A number as JavaScript prints it (``10``, ``1e+21``, ``Infinity``)."""
+    return spell_runner.js_string(value)
 
 
 def dump_json(value) -> str:
@@ -217,7 +217,9 @@ def dump_json(value) -> str:
 
 #: Primary collation ranks of printable ASCII in ICU root order (letters
 #: case-folded); verified against Node's localeCompare, see docs/compatibility.md.
-_LOCALE_ORDER = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmnopqrstuvwxyz"
+_LOCALE_ORDER = (
+    " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmnopqrstuvwxyz"
+)
 _LOCALE_RANK = {ch: i for i, ch in enumerate(_LOCALE_ORDER)}
 
 
@@ -260,7 +262,10 @@ def parse_json_text(text: str):
     def reject_constant(name: str):
         raise ValueError(f"Unexpected token {name} in JSON")
 
-    value = json.loads(text, parse_constant=reject_constant)
+    try:
+        value = json.loads(text, parse_constant=reject_constant)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels") from None
     _check_depth(value, JSON_MAX_DEPTH)
     return value
 
@@ -278,7 +283,7 @@ def _check_depth(value, limit: int) -> None:
 
 
 def node_error(exc: OSError, syscall: str, path: str) -> str:
-    """An OS error in Node's words: ``ENOENT: no such file or directory, open '<p>'``."""
+    """An OS error worded as Node does: ``ENOENT: <reason>, <syscall> '<path>'``."""
     code = errno.errorcode.get(exc.errno or 0, "EIO")
     reason = (exc.strerror or "error").lower()
     return f"{code}: {reason}, {syscall} '{path}'"
@@ -346,7 +351,9 @@ def write_atomic(path: str, data: bytes | str, mode: int = PRIVATE_FILE_MODE) ->
     if isinstance(data, str):
         data = data.encode("utf-8")
     directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    tmp = os.path.join(
+        directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp"
+    )
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -363,7 +370,9 @@ def write_atomic(path: str, data: bytes | str, mode: int = PRIVATE_FILE_MODE) ->
         raise
 
 
-def read_file(path: str, limit: int, what: str, *, follow_symlinks: bool = False) -> bytes:
+def read_file(
+    path: str, limit: int, what: str, *, follow_symlinks: bool = False
+) -> bytes:
     """Read a regular file of at most ``limit`` bytes.
 
     FIFOs, devices, folders and (unless allowed) symlinks are refused before a
@@ -427,18 +436,114 @@ class YamlTimestamp(str):
 
 _yaml_loader = None
 
+#: Plain scalars that YAML 1.2 core (plus timestamps and merge keys, as in the
+#: original's YAML library) reads as something other than a string.  The int
+#: and float forms follow that library: a sign may precede 0b/0o/0x, "_" may
+#: separate digits but never ends a number or follows a leading 0.
+_YAML_IMPLICIT = (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    (
+        "int",
+        r"^[-+]?(?:0b[01_]*[01]|0x[0-9a-fA-F_]*[0-9a-fA-F]|0o[0-7_]*[0-7]"
+        r"|0|0[0-9](?:[0-9_]*[0-9])?|[1-9](?:[0-9_]*[0-9])?)$",
+        "-+0123456789",
+    ),
+    (
+        "float",
+        r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))(?<!_)$",
+        "-+0123456789.",
+    ),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    (
+        "timestamp",
+        r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}"
+        r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt]|[ \t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}"
+        r"(?:\.[0-9]*)?(?:[ \t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?)$",
+        "0123456789",
+    ),
+    ("merge", r"^<<$", "<"),
+)
+_YAML_TIMESTAMP_RE = re.compile(
+    r"^([0-9]{4})-([0-9]{1,2})-([0-9]{1,2})"
+    r"(?:(?:[Tt]|[ \t]+)([0-9]{1,2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]*))?"
+    r"(?:[ \t]*(Z|([-+])([0-9]{1,2})(?::([0-9]{2}))?))?)?$"
+)
+#: Integers beyond this lose precision in JavaScript; the original sees floats.
+_JS_SAFE_INTEGER = 2**53
+
+
+def _yaml_int(text: str):
+    """A YAML integer as the original reads it (a float past 2**53)."""
+    text = text.replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    text = text.lstrip("+-")
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(text[:2], 10)
+    value = sign * int(text[2:] if base != 10 else text, base)
+    if abs(value) <= _JS_SAFE_INTEGER:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        return sign * float("inf")
+
+
+def _yaml_float(text: str) -> float:
+    text = text.replace("_", "").lower()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    if text == ".inf":
+        return sign * float("inf")
+    if text == ".nan":
+        return float("nan")
+    return sign * float(text)
+
+
+def _yaml_timestamp(text: str) -> YamlTimestamp:
+    """A timestamp as the original's ISO string; out-of-range parts roll over.
+
+    The original builds dates with JavaScript's ``Date.UTC``, which carries an
+    overflowing month, day or hour into the next unit and reads years 0-99 as
+    1900-1999; this does the same.
+    """
+    import datetime as dt
+
+    m = _YAML_TIMESTAMP_RE.match(text)
+    if m is None:
+        raise ValueError(f"invalid timestamp: {text}")
+    year, month, day = int(m[1]), int(m[2]) - 1, int(m[3])
+    if year < 100:
+        year += 1900
+    hour, minute, second = (int(m[i]) if m[i] else 0 for i in (4, 5, 6))
+    millis = int((m[7] or "")[:3].ljust(3, "0"))
+    offset = 0
+    if m[9]:
+        offset = (int(m[10]) * 60 + int(m[11] or 0)) * (1 if m[9] == "+" else -1)
+    year += month // 12
+    value = dt.datetime(year, month % 12 + 1, 1) + dt.timedelta(
+        days=day - 1,
+        hours=hour,
+        minutes=minute - offset,
+        seconds=second,
+        milliseconds=millis,
+    )
+    return YamlTimestamp(value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis:03d}Z")
+
 
 def _yaml_loader_class():
-    """A PyYAML loader with the original's YAML 1.2 core semantics.
+    """A PyYAML loader with the original's YAML semantics (YAML 1.2 core).
 
     Only ``true``/``false`` (three casings) are booleans, ``010`` is decimal,
-    ``0o``/``0x``/``0b`` prefixes work, timestamps are recognised and duplicate
-    keys are an error.  Depth, alias uses and expanded size are bounded.
+    ``0o``/``0x``/``0b`` prefixes work, timestamps and merge keys are
+    recognised, mapping keys become strings as in JavaScript, and a duplicate
+    key is an error.  Nesting depth and alias uses are bounded.
     """
     global _yaml_loader  # a cache of an immutable class, built once
     if _yaml_loader is not None:
         return _yaml_loader
     yaml = require("yaml", "PyYAML")
+    ConstructorError = yaml.constructor.ConstructorError
 
     class Loader(yaml.SafeLoader):
         def __init__(self, stream):
@@ -459,82 +564,134 @@ def _yaml_loader_class():
             finally:
                 self._depth -= 1
 
+        def _js_key(self, key, mark) -> str:
+            if isinstance(key, list) and any(isinstance(k, list) for k in key):
+                raise ConstructorError(
+                    None, None, "nested arrays are not supported inside keys", mark
+                )
+            if isinstance(key, list):
+                key = [k if not isinstance(k, dict) else "[object Object]" for k in key]
+            return spell_runner.js_string(key)
+
         def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
+            if not isinstance(node, yaml.MappingNode):
+                raise ConstructorError(
+                    None,
+                    None,
+                    f"expected a mapping node, but found {node.id}",
+                    node.start_mark,
+                )
+            result: dict = {}
+            # Keys copied in by "<<" may be overridden once; others never twice.
+            overridable: set = set()
+            for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
+                    source = self.construct_object(value_node, deep=True)
+                    sources = source if isinstance(source, list) else [source]
+                    for item in sources:
+                        if not isinstance(item, dict):
+                            raise ConstructorError(
+                                None,
+                                None,
+                                "cannot merge mappings; the provided source object "
+                                "is unacceptable",
+                                value_node.start_mark,
+                            )
+                        for key, value in item.items():
+                            if key not in result:
+                                result[key] = value
+                                overridable.add(key)
                     continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                except TypeError:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, "unhashable mapping key", key_node.start_mark
-                    ) from None
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicated mapping key '{key}'", key_node.start_mark
+                key_obj = self.construct_object(key_node, deep=True)
+                key = self._js_key(key_obj, key_node.start_mark)
+                if key in result and key not in overridable:
+                    raise ConstructorError(
+                        None,
+                        None,
+                        f"duplicated mapping key '{key}'",
+                        key_node.start_mark,
                     )
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
+                overridable.discard(key)
+                result[key] = self.construct_object(value_node, deep=deep)
+            return result
+
+    def construct_set(loader, node):
+        data: dict = {}
+        yield data
+        data.update(dict.fromkeys(loader.construct_mapping(node)))
+
+    def construct_pairs(loader, node):
+        data: list = []
+        yield data
+        for key_node, value_node in _pair_nodes(loader, node):
+            data.append(
+                [
+                    loader._js_key(
+                        loader.construct_object(key_node, deep=True),
+                        key_node.start_mark,
+                    ),
+                    loader.construct_object(value_node, deep=True),
+                ]
+            )
+
+    def construct_ordered(loader, node):
+        data: list = []
+        yield data
+        seen = set()
+        for key_node, value_node in _pair_nodes(loader, node):
+            key = loader._js_key(
+                loader.construct_object(key_node, deep=True), key_node.start_mark
+            )
+            if key in seen:
+                raise ConstructorError(
+                    None, None, f"duplicated mapping key '{key}'", key_node.start_mark
+                )
+            seen.add(key)
+            data.append({key: loader.construct_object(value_node, deep=True)})
+
+    def _pair_nodes(loader, node):
+        if not isinstance(node, yaml.SequenceNode):
+            raise ConstructorError(
+                None, None, "expected a sequence of pairs", node.start_mark
+            )
+        for item in node.value:
+            if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
+                raise ConstructorError(
+                    None,
+                    None,
+                    "expected a single mapping item per pair",
+                    item.start_mark,
+                )
+            yield item.value[0]
+
+    def construct_binary(loader, node):
+        # JavaScript serialises the original's byte array as {"0": b0, ...}.
+        data = yaml.SafeLoader.construct_yaml_binary(loader, node)
+        return {str(i): b for i, b in enumerate(data)}
 
     Loader.yaml_implicit_resolvers = {}
-    resolvers = [
-        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-        (
-            "int",
-            r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$",
-            "-+0123456789",
-        ),
-        (
-            "float",
-            r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?"
-            r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
-            "-+0123456789.",
-        ),
-        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-        (
-            "timestamp",
-            r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}"
-            r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt]|[ \t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}"
-            r"(?:\.[0-9]*)?(?:[ \t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?)$",
-            "0123456789",
-        ),
-    ]
-    for name, pattern, first in resolvers:
-        Loader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", re.compile(pattern), first)
+    for name, pattern, first in _YAML_IMPLICIT:
+        Loader.add_implicit_resolver(
+            f"tag:yaml.org,2002:{name}", re.compile(pattern), first
+        )
 
-    def construct_int(loader, node):
-        text = loader.construct_scalar(node).replace("_", "")
-        sign = -1 if text.startswith("-") else 1
-        text = text.lstrip("+-")
-        for prefix, base in (("0o", 8), ("0x", 16), ("0b", 2)):
-            if text.startswith(prefix):
-                return sign * int(text[2:], base)
-        return sign * int(text, 10)
+    def construct_scalar_with(convert):
+        def construct(loader, node):
+            return convert(loader.construct_scalar(node))
 
-    def construct_float(loader, node):
-        text = loader.construct_scalar(node).replace("_", "").lower()
-        if text.endswith(".inf"):
-            return float("-inf") if text.startswith("-") else float("inf")
-        if text == ".nan":
-            return float("nan")
-        return float(text)
+        return construct
 
-    def construct_timestamp(loader, node):
-        value = yaml.SafeLoader.construct_yaml_timestamp(loader, node)
-        import datetime as _dt
-
-        if not isinstance(value, _dt.datetime):
-            value = _dt.datetime(value.year, value.month, value.day)
-        if value.tzinfo is not None:
-            value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-        return YamlTimestamp(value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z")
-
-    Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
-    Loader.add_constructor("tag:yaml.org,2002:float", construct_float)
-    Loader.add_constructor("tag:yaml.org,2002:timestamp", construct_timestamp)
+    constructors = {
+        "int": construct_scalar_with(_yaml_int),
+        "float": construct_scalar_with(_yaml_float),
+        "timestamp": construct_scalar_with(_yaml_timestamp),
+        "set": construct_set,
+        "omap": construct_ordered,
+        "pairs": construct_pairs,
+        "binary": construct_binary,
+    }
+    for name, func in constructors.items():
+        Loader.add_constructor(f"tag:yaml.org,2002:{name}", func)
     _yaml_loader = Loader
     return Loader
 
@@ -573,8 +730,10 @@ def parse_manifest_yaml(data: bytes):
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    loader = _yaml_loader_class()(text)
+    loader_class = _yaml_loader_class()
     try:
+        # The reader checks characters as it starts, so it is inside the try.
+        loader = loader_class(text)
         try:
             value = loader.get_single_data()
         finally:
@@ -642,8 +801,10 @@ def validate_manifest(raw, root: str) -> dict:
     """
     if not isinstance(raw, dict):
         raise ManifestError("spell.yaml must be a mapping object")
-    fields = {key: _require_string(raw, key) for key in
-              ("id", "version", "name", "summary", "inputs_schema")}
+    fields = {
+        key: _require_string(raw, key)
+        for key in ("id", "version", "name", "summary", "inputs_schema")
+    }
     spell_id, version = fields["id"], fields["version"]
     if utf16_length(spell_id) > ID_MAX_LENGTH:
         raise ManifestError(f"id must be <= {ID_MAX_LENGTH} characters")
@@ -655,7 +816,9 @@ def validate_manifest(raw, root: str) -> dict:
         raise ManifestError("version must not contain control characters")
     if "/" in version or "\\" in version or version in (".", ".."):
         # The version names a folder of the store: it must be one safe name.
-        raise ManifestError(f"version must not contain '/' or '\\' or be '.' or '..': {version}")
+        raise ManifestError(
+            f"version must not contain '/' or '\\' or be '.' or '..': {version}"
+        )
 
     risk = _require_string(raw, "risk")
     if risk not in RISKS:
@@ -669,7 +832,9 @@ def validate_manifest(raw, root: str) -> dict:
         scopes = _require_array(item, "scopes")
         for j, scope in enumerate(scopes):
             if not _is_str(scope) or not js_trim(scope):
-                raise ManifestError(f"permissions[{i}].scopes[{j}] must be a non-empty string")
+                raise ManifestError(
+                    f"permissions[{i}].scopes[{j}] must be a non-empty string"
+                )
         if not scopes:
             raise ManifestError(f"permissions[{i}].scopes must not be empty")
         permissions.append({"connector": connector, "scopes": list(scopes)})
@@ -692,8 +857,12 @@ def validate_manifest(raw, root: str) -> dict:
         raise ManifestError("missing or invalid number field: max_amount")
     if mode not in BILLING_MODES:
         raise ManifestError(f"invalid billing.mode: {mode}")
-    billing = {"enabled": enabled, "mode": mode, "currency": currency,
-               "max_amount": max_amount}
+    billing = {
+        "enabled": enabled,
+        "mode": mode,
+        "currency": currency,
+        "max_amount": max_amount,
+    }
 
     runtime_raw = _require_mapping(raw, "runtime")
     execution = _require_string(runtime_raw, "execution")
@@ -708,7 +877,9 @@ def validate_manifest(raw, root: str) -> dict:
     if _is_str(image) and js_trim(image):
         runtime["docker_image"] = image
     elif execution == "docker":
-        raise ManifestError("runtime.docker_image is required when runtime.execution=docker")
+        raise ManifestError(
+            "runtime.docker_image is required when runtime.execution=docker"
+        )
 
     steps_raw = _require_array(raw, "steps")
     if not steps_raw:
@@ -738,12 +909,21 @@ def validate_manifest(raw, root: str) -> dict:
         if check_type not in CHECK_TYPES:
             raise ManifestError(f"invalid checks[{i}].type: {check_type}")
         params = item.get("params")
-        checks.append({"type": check_type, "params": params if isinstance(params, dict) else {}})
+        checks.append(
+            {"type": check_type, "params": params if isinstance(params, dict) else {}}
+        )
 
     _check_bundle_files(root, fields["inputs_schema"], steps)
     manifest = dict(fields)
-    manifest.update(risk=risk, permissions=permissions, effects=effects,
-                    billing=billing, runtime=runtime, steps=steps, checks=checks)
+    manifest.update(
+        risk=risk,
+        permissions=permissions,
+        effects=effects,
+        billing=billing,
+        runtime=runtime,
+        steps=steps,
+        checks=checks,
+    )
     return manifest
 
 
@@ -801,8 +981,11 @@ _FULL_SHA_RE = re.compile(r"^[0-9a-fA-F]{40}(?:[0-9a-fA-F]{24})?$")
 
 def is_git_source(source: str) -> bool:
     lowered = source.lower()
-    return (lowered.startswith("https://") or lowered.startswith("ssh://")
-            or _GIT_SCP_RE.match(source) is not None)
+    return (
+        lowered.startswith("https://")
+        or lowered.startswith("ssh://")
+        or _GIT_SCP_RE.match(source) is not None
+    )
 
 
 def _new_temp_dir(prefix: str) -> str:
@@ -839,21 +1022,40 @@ def _clean_stale_temp_dirs(base: str) -> None:
 def _run_git(args: list[str], source: str, prefix: str) -> str:
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="", SSH_ASKPASS="")
     # Command transports (ext::, fd::) could run programs; never allow them.
-    cmd = ["git", "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never",
-           "-c", "core.hooksPath=/dev/null", *args]
+    cmd = [
+        "git",
+        "-c",
+        "protocol.ext.allow=never",
+        "-c",
+        "protocol.fd.allow=never",
+        "-c",
+        "core.hooksPath=/dev/null",
+        *args,
+    ]
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                              env=env, timeout=GIT_TIMEOUT_SECONDS)
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=GIT_TIMEOUT_SECONDS,
+        )
     except FileNotFoundError:
-        raise InstallError("git executable not found: install git and ensure it is on PATH") from None
+        raise InstallError(
+            "git executable not found: install git and ensure it is on PATH"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise InstallError(f"{prefix}: git timed out after {GIT_TIMEOUT_SECONDS}s") from None
+        raise InstallError(
+            f"{prefix}: git timed out after {GIT_TIMEOUT_SECONDS}s"
+        ) from None
     except OSError as exc:
         raise InstallError(f"failed to run git command for '{source}': {exc}") from None
     if proc.returncode != 0:
-        detail = (proc.stderr.decode("utf-8", "replace").strip()
-                  or proc.stdout.decode("utf-8", "replace").strip()
-                  or f"git exited with code {proc.returncode}")
+        detail = (
+            proc.stderr.decode("utf-8", "replace").strip()
+            or proc.stdout.decode("utf-8", "replace").strip()
+            or f"git exited with code {proc.returncode}"
+        )
         raise InstallError(f"{prefix}: {' '.join(detail.split())}")
     return proc.stdout.decode("utf-8", "replace")
 
@@ -870,19 +1072,42 @@ def _fetch_git(source: str, workdir: str) -> tuple[str, str, str]:
     if _FULL_SHA_RE.match(ref):
         # A commit: fetch just it when the server allows, else the whole history.
         _run_git(["init", "-q", "--", target], source, clone_prefix)
-        _run_git(["-C", target, "remote", "add", "origin", "--", url], source, clone_prefix)
+        _run_git(
+            ["-C", target, "remote", "add", "origin", "--", url], source, clone_prefix
+        )
         try:
-            _run_git(["-C", target, "fetch", "-q", "--depth", "1", "origin", ref],
-                     source, clone_prefix)
+            _run_git(
+                ["-C", target, "fetch", "-q", "--depth", "1", "origin", ref],
+                source,
+                clone_prefix,
+            )
         except InstallError:
             _run_git(["-C", target, "fetch", "-q", "origin"], source, clone_prefix)
-        _run_git(["-C", target, "-c", "advice.detachedHead=false", "checkout", "-q",
-                  ref, "--"], source, clone_prefix)
+        _run_git(
+            [
+                "-C",
+                target,
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "-q",
+                ref,
+                "--",
+            ],
+            source,
+            clone_prefix,
+        )
     else:
-        _run_git(["clone", "-q", "--depth", "1", "--branch", ref, "--", url, target],
-                 source, clone_prefix)
-    commit = _run_git(["-C", target, "rev-parse", "HEAD"], source,
-                      f"failed to resolve git commit for '{source}'").strip()
+        _run_git(
+            ["clone", "-q", "--depth", "1", "--branch", ref, "--", url, target],
+            source,
+            clone_prefix,
+        )
+    commit = _run_git(
+        ["-C", target, "rev-parse", "HEAD"],
+        source,
+        f"failed to resolve git commit for '{source}'",
+    ).strip()
     if not commit:
         raise InstallError(f"failed to resolve git commit for '{source}': empty HEAD")
     return target, ref, commit
@@ -954,13 +1179,23 @@ def _check_installable(manifest: dict) -> None:
     for step in manifest["steps"]:
         run = os.path.normpath(step["run"])
         if not run.startswith("steps" + os.sep):
-            raise InstallError(f"step '{step['name']}' run path must be inside steps/: {step['run']}")
-    if len(id_key(manifest["id"])) > NAME_MAX or len(manifest["version"].encode()) > NAME_MAX:
+            raise InstallError(
+                f"step '{step['name']}' run path must be inside steps/: {step['run']}"
+            )
+    if manifest["version"].startswith("."):
+        # Listings skip hidden folders, so such a version could never be found.
+        raise InstallError(f"version must not start with '.': {manifest['version']}")
+    if (
+        len(id_key(manifest["id"])) > NAME_MAX
+        or len(manifest["version"].encode()) > NAME_MAX
+    ):
         raise InstallError("id or version is too long to store")
 
 
 def install_bundle(source: str) -> dict:
     """Install a bundle from a folder or ``<git url>#<ref>``; return its manifest."""
+    if "\x00" in source:
+        raise InstallError("source must not contain NUL characters")
     workdir = None
     try:
         if is_git_source(source):
@@ -971,7 +1206,9 @@ def install_bundle(source: str) -> dict:
             try:
                 root = os.path.realpath(os.path.abspath(source), strict=True)
             except OSError as exc:
-                raise InstallError(node_error(exc, "realpath", os.path.abspath(source))) from None
+                raise InstallError(
+                    node_error(exc, "realpath", os.path.abspath(source))
+                ) from None
             if not os.path.isdir(root):
                 raise InstallError(f"bundle path must be a directory: {source}")
             provenance = {"type": "local", "source": source}
@@ -1004,9 +1241,13 @@ def _commit_install(root: str, manifest: dict, provenance: dict) -> None:
         os.makedirs(version_stage, 0o755)
         _stage_bundle(root, manifest, version_stage)
         record = dict(provenance, installed_at=iso_now())
-        write_atomic(os.path.join(version_stage, "source.json"), dump_json(record), 0o644)
+        write_atomic(
+            os.path.join(version_stage, "source.json"), dump_json(record), 0o644
+        )
         if not os.path.isdir(id_dir):
-            write_atomic(os.path.join(stage, "id", "spell.id.txt"), spell_id + "\n", 0o644)
+            write_atomic(
+                os.path.join(stage, "id", "spell.id.txt"), spell_id + "\n", 0o644
+            )
             os.chmod(os.path.join(stage, "id"), STORE_DIR_MODE)
             try:
                 os.rename(os.path.join(stage, "id"), id_dir)
@@ -1028,10 +1269,12 @@ def _commit_install(root: str, manifest: dict, provenance: dict) -> None:
 
 
 def _read_id_file(path: str) -> str | None:
+    """The trimmed id in ``spell.id.txt``; None if it is missing or not a small file."""
     try:
-        return js_trim(read_file(path, 4096, "spell.id.txt").decode("utf-8", "replace"))
-    except OSError:
+        data = read_file(path, 4096, "spell.id.txt")
+    except (OSError, SpellError):
         return None
+    return js_trim(data.decode("utf-8", "replace"))
 
 
 def _version_dirs(id_dir: str) -> list[str]:
@@ -1039,8 +1282,11 @@ def _version_dirs(id_dir: str) -> list[str]:
         entries = list(os.scandir(id_dir))
     except OSError:
         return []
-    return [e.name for e in entries
-            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    return [
+        e.name
+        for e in entries
+        if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+    ]
 
 
 def resolve_installed(spell_id: str, version: str | None) -> tuple[str, dict]:
@@ -1052,7 +1298,9 @@ def resolve_installed(spell_id: str, version: str | None) -> tuple[str, dict]:
     if stored is None:
         raise NotFound(f"missing spell.id.txt for {spell_id}")
     if stored != spell_id:
-        raise SpellError(f"id mismatch in spell.id.txt: expected '{spell_id}', found '{stored}'")
+        raise SpellError(
+            f"id mismatch in spell.id.txt: expected '{spell_id}', found '{stored}'"
+        )
     versions = _version_dirs(id_dir)
     if not versions:
         raise NotFound(f"no versions installed for: {spell_id}")
@@ -1092,14 +1340,18 @@ def installed_bundles(warn=None) -> list[tuple[str, dict]]:
             path = os.path.join(entry.path, version)
             try:
                 manifest = load_manifest(path)
+            except MissingDependency:
+                raise
             except SpellError as exc:
                 if warn:
                     warn(f"skipping {path}: {exc.message}")
                 continue
             if manifest["id"] != stored:
                 if warn:
-                    warn(f"skipping {path}: id mismatch under {entry.path}: "
-                         f"spell.id.txt='{stored}', spell.yaml.id='{manifest['id']}'")
+                    warn(
+                        f"skipping {path}: id mismatch under {entry.path}: "
+                        f"spell.id.txt='{stored}', spell.yaml.id='{manifest['id']}'"
+                    )
                 continue
             found.append((path, manifest))
     found.sort(key=lambda item: locale_key(item[1]["version"]), reverse=True)
@@ -1111,8 +1363,11 @@ def schema_summary(schema) -> tuple[list[str], list[str]]:
     """The (required, "key: type") lists ``inspect`` prints for a schema."""
     if not isinstance(schema, dict):
         return [], []
-    required = [r for r in schema.get("required", []) if isinstance(r, str)] \
-        if isinstance(schema.get("required"), list) else []
+    required = (
+        [r for r in schema.get("required", []) if isinstance(r, str)]
+        if isinstance(schema.get("required"), list)
+        else []
+    )
     types = []
     properties = schema.get("properties")
     if isinstance(properties, dict):
@@ -1154,20 +1409,37 @@ def cmd_install(args, io) -> int:
 def cmd_list(args, io) -> int:
     bundles = installed_bundles(warn=io.warn)
     if args.json:
-        io.out(spell_runner.dumps_js([
-            {"id": m["id"], "version": m["version"], "name": m["name"],
-             "summary": m["summary"], "risk": m["risk"], "billing": m["billing"],
-             "runtime": m["runtime"], "path": path}
-            for path, m in bundles
-        ], indent=2))
+        io.out(
+            spell_runner.dumps_js(
+                [
+                    {
+                        "id": m["id"],
+                        "version": m["version"],
+                        "name": m["name"],
+                        "summary": m["summary"],
+                        "risk": m["risk"],
+                        "billing": m["billing"],
+                        "runtime": m["runtime"],
+                        "path": path,
+                    }
+                    for path, m in bundles
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not bundles:
         io.out("No spells installed")
         return 0
     io.out("id@version\tname\trisk\tbilling.enabled\truntime.execution")
     for _, m in bundles:
-        row = [f"{m['id']}@{m['version']}", m["name"], m["risk"],
-               "true" if m["billing"]["enabled"] else "false", m["runtime"]["execution"]]
+        row = [
+            f"{m['id']}@{m['version']}",
+            m["name"],
+            m["risk"],
+            "true" if m["billing"]["enabled"] else "false",
+            m["runtime"]["execution"],
+        ]
         io.out("\t".join(escape_text(cell) for cell in row))
     return 0
 
@@ -1177,37 +1449,64 @@ def cmd_inspect(args, io) -> int:
     schema = load_schema(bundle_dir, m)
     required, key_types = schema_summary(schema)
     if args.json:
-        io.out(spell_runner.dumps_js({
-            "id": m["id"], "version": m["version"], "name": m["name"],
-            "summary": m["summary"], "risk": m["risk"],
-            "inputs": {"required": required, "key_types": key_types},
-            "permissions": m["permissions"], "effects": m["effects"],
-            "billing": m["billing"], "runtime": m["runtime"], "steps": m["steps"],
-            "checks": m["checks"], "path": bundle_dir,
-            "source": _read_source_record(bundle_dir),
-        }, indent=2))
+        io.out(
+            spell_runner.dumps_js(
+                {
+                    "id": m["id"],
+                    "version": m["version"],
+                    "name": m["name"],
+                    "summary": m["summary"],
+                    "risk": m["risk"],
+                    "inputs": {"required": required, "key_types": key_types},
+                    "permissions": m["permissions"],
+                    "effects": m["effects"],
+                    "billing": m["billing"],
+                    "runtime": m["runtime"],
+                    "steps": m["steps"],
+                    "checks": m["checks"],
+                    "path": bundle_dir,
+                    "source": _read_source_record(bundle_dir),
+                },
+                indent=2,
+            )
+        )
         return 0
     e = escape_text
     billing, runtime = m["billing"], m["runtime"]
-    lines = ["識別", f"  id@version: {e(m['id'])}@{e(m['version'])}", f"  name: {e(m['name'])}",
-             f"  summary: {e(m['summary'])}", "供物",
-             f"  required: {e(','.join(required)) if required else '(none)'}",
-             f"  key types: {e(','.join(key_types)) if key_types else '(none)'}", "鍵穴"]
-    lines += [f"  connector={e(p['connector'])} scopes={e(','.join(p['scopes']))}"
-              for p in m["permissions"]] or ["  (none)"]
+    lines = [
+        "識別",
+        f"  id@version: {e(m['id'])}@{e(m['version'])}",
+        f"  name: {e(m['name'])}",
+        f"  summary: {e(m['summary'])}",
+        "供物",
+        f"  required: {e(','.join(required)) if required else '(none)'}",
+        f"  key types: {e(','.join(key_types)) if key_types else '(none)'}",
+        "鍵穴",
+    ]
+    lines += [
+        f"  connector={e(p['connector'])} scopes={e(','.join(p['scopes']))}"
+        for p in m["permissions"]
+    ] or ["  (none)"]
     lines.append("作用")
-    lines += [f"  type={e(x['type'])} target={e(x['target'])} "
-              f"mutates={'true' if x['mutates'] else 'false'}" for x in m["effects"]]
-    lines += ["代償",
-              f"  enabled={'true' if billing['enabled'] else 'false'} mode={e(billing['mode'])} "
-              f"max_amount={js_number(billing['max_amount'])} currency={e(billing['currency'])}",
-              "実行",
-              f"  execution={runtime['execution']} "
-              f"docker_image={e(runtime.get('docker_image', '-'))} "
-              f"platforms={e(','.join(runtime['platforms']))}",
-              "封印"]
-    lines += [f"  type={c['type']} params={e(spell_runner.dumps_js(c['params']))}"
-              for c in m["checks"]]
+    lines += [
+        f"  type={e(x['type'])} target={e(x['target'])} "
+        f"mutates={'true' if x['mutates'] else 'false'}"
+        for x in m["effects"]
+    ]
+    lines += [
+        "代償",
+        f"  enabled={'true' if billing['enabled'] else 'false'} mode={e(billing['mode'])} "
+        f"max_amount={js_number(billing['max_amount'])} currency={e(billing['currency'])}",
+        "実行",
+        f"  execution={runtime['execution']} "
+        f"docker_image={e(runtime.get('docker_image', '-'))} "
+        f"platforms={e(','.join(runtime['platforms']))}",
+        "封印",
+    ]
+    lines += [
+        f"  type={c['type']} params={e(spell_runner.dumps_js(c['params']))}"
+        for c in m["checks"]
+    ]
     io.out("\n".join(lines))
     return 0
 
@@ -1236,58 +1535,1346 @@ def cmd_log(args, io) -> int:
 
 # Digest and signatures #######################################################
 
+SIGNATURE_FILE = "spell.sig.json"
+#: The digest starts with this tag, so no other kind of hash input can collide.
+DIGEST_DOMAIN = b"spell-bundle-v1\x00"
+#: Files are hashed in pieces of this size: memory stays flat whatever their size.
+HASH_CHUNK_BYTES = 1024 * 1024
+#: An Ed25519 PEM key is 119 bytes and an 8192-bit RSA one about 6.5 KiB: 64 KiB
+#: refuses junk (or /dev/zero) at once without refusing any real key file.
+PRIVATE_KEY_MAX_BYTES = 64 * 1024
+ED25519_SIGNATURE_BYTES = 64
+_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class KeyInvalid(SpellError):
+    """A key that cannot be used; the message is the detail callers prefix."""
+
+    error_code = "INVALID_KEY"
+
+
+class _Unreadable(Exception):
+    """Why a file is not a readable regular file.
+
+    ``kind`` is ``missing``, ``os`` (another OS error), ``symlink``, ``special``
+    (not a regular file) or ``too_big``; ``detail`` is text without the path for
+    the last three.  Callers always turn it into a ``SpellError``.
+    """
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def _open_regular(path: str, *, follow_symlinks: bool = False) -> tuple[int, int]:
+    """Open a regular file for reading; return (descriptor, size).
+
+    O_NONBLOCK keeps a FIFO from blocking the open, and the type is checked on
+    the open descriptor, so nothing is read from a FIFO or a device and a file
+    swapped after a check is still caught.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise _Unreadable("symlink", "symlinks are not allowed") from None
+        kind = "missing" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else "os"
+        raise _Unreadable(kind, node_error(exc, "open", path)) from None
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise _Unreadable("os", node_error(exc, "fstat", path)) from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise _Unreadable("special", "not a regular file")
+    return fd, info.st_size
+
+
+def _read_regular(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
+    """Read a whole regular file of at most ``limit`` bytes (else ``_Unreadable``)."""
+    fd, size = _open_regular(path, follow_symlinks=follow_symlinks)
+    try:
+        if size > limit:
+            raise _Unreadable("too_big", f"larger than {limit} bytes")
+        chunks, total = [], 0
+        while True:
+            try:
+                chunk = os.read(fd, min(HASH_CHUNK_BYTES, limit + 1 - total))
+            except OSError as exc:
+                raise _Unreadable("os", node_error(exc, "read", path)) from None
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise _Unreadable("too_big", f"larger than {limit} bytes")
+    finally:
+        os.close(fd)
+
+
+def _parse_json_bytes(data: bytes):
+    """UTF-8 JSON without NaN or Infinity; raises ``ValueError`` with a detail."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+    try:
+        return parse_json_text(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels") from None
+
+
+def _crypto_detail(exc: Exception) -> str:
+    """The useful part of a ``cryptography`` error, on one line."""
+    text = " ".join(str(exc).split())
+    if text.startswith("Unable to load PEM file"):
+        return "not a PEM file"
+    if "Details: " in text:
+        return text.split("Details: ", 1)[1]
+    return text or type(exc).__name__
+
+
+def _key_type_name(key) -> str:
+    """A short name for the type of a ``cryptography`` key (``RSA``, ``EC``, ...)."""
+    from cryptography.hazmat.primitives.asymmetric import (
+        dh, dsa, ec, ed448, rsa, x448, x25519)
+
+    kinds = (("RSA", rsa.RSAPublicKey, rsa.RSAPrivateKey),
+             ("EC", ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey),
+             ("DSA", dsa.DSAPublicKey, dsa.DSAPrivateKey),
+             ("Ed448", ed448.Ed448PublicKey, ed448.Ed448PrivateKey),
+             ("X25519", x25519.X25519PublicKey, x25519.X25519PrivateKey),
+             ("X448", x448.X448PublicKey, x448.X448PrivateKey),
+             ("DH", dh.DHPublicKey, dh.DHPrivateKey))
+    for name, *types in kinds:
+        if isinstance(key, tuple(types)):
+            return name
+    return type(key).__name__
+
+
+def _ed25519_public_key(text: str):
+    """Load an Ed25519 SPKI DER public key from base64url, or raise ``KeyInvalid``."""
+    require("cryptography", "cryptography")
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    try:
+        key = serialization.load_der_public_key(b64url_decode(text))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyInvalid(_crypto_detail(exc)) from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise KeyInvalid(f"expected an Ed25519 key, got {_key_type_name(key)}")
+    return key
+
+
+def _ed25519_private_key(pem: bytes):
+    """Load an unencrypted PKCS#8 PEM Ed25519 private key, or raise ``KeyInvalid``."""
+    require("cryptography", "cryptography")
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:  # raised when the PEM is encrypted and no password was given
+        message = "the key is encrypted; spell needs an unencrypted PKCS#8 key"
+        raise KeyInvalid(message) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyInvalid(_crypto_detail(exc)) from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise KeyInvalid(f"expected an Ed25519 key, got {_key_type_name(key)}")
+    return key
+
+
+def _ed25519_verify(key, signature: bytes, data: bytes) -> bool:
+    """True when ``signature`` is a valid Ed25519 signature of ``data``."""
+    from cryptography.exceptions import InvalidSignature
+
+    if len(signature) != ED25519_SIGNATURE_BYTES:
+        return False
+    try:
+        key.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _spki_base64url(public_key) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return b64url_encode(der)
+
+
+def _check_root_file(root: str, name: str) -> None:
+    path = os.path.join(root, name)
+    try:
+        info = os.lstat(path)
+    except OSError:
+        raise SignatureError(f"{name} not found") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise SignatureError(f"symlink is not allowed: {path}")
+    if not stat.S_ISREG(info.st_mode):
+        raise SignatureError(f"{name} not found")
+
+
+def _walk_steps(steps_dir: str) -> list[str]:
+    """Relative paths (``/``-separated) of the regular files under ``steps_dir``."""
+    found = []
+    pending = [("", steps_dir)]
+    while pending:
+        prefix, folder = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                listing = [(entry.name, entry.path, entry.stat(follow_symlinks=False))
+                           for entry in entries]
+        except OSError as exc:
+            raise SignatureError(node_error(exc, "scandir", folder)) from None
+        for name, path, info in listing:
+            if stat.S_ISLNK(info.st_mode):
+                raise SignatureError(f"symlink is not allowed in steps/: {path}")
+            if stat.S_ISDIR(info.st_mode):
+                pending.append((prefix + name + "/", path))
+            elif stat.S_ISREG(info.st_mode):
+                found.append(prefix + name)
+            else:
+                raise SignatureError(f"unsupported file type in steps/: {path}")
+    return found
+
+
+def bundle_files(bundle_dir: str) -> list[str]:
+    """The relative paths the bundle digest covers, in digest order.
+
+    ``spell.yaml``, ``schema.json`` and every regular file under ``steps/``
+    (hidden ones too), sorted in locale order; a symlink or a special file
+    anywhere under ``steps/`` is an error.
+    """
+    root = os.path.abspath(bundle_dir)
+    _check_root_file(root, "spell.yaml")
+    _check_root_file(root, "schema.json")
+    steps_dir = os.path.join(root, "steps")
+    try:
+        info = os.lstat(steps_dir)
+    except OSError:
+        raise SignatureError("steps/ must be a directory") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise SignatureError(f"symlink is not allowed: {steps_dir}")
+    if not stat.S_ISDIR(info.st_mode):
+        raise SignatureError("steps/ must be a directory")
+    files = ["spell.yaml", "schema.json"]
+    files += ["steps/" + rel for rel in _walk_steps(steps_dir)]
+    files.sort(key=locale_key)
+    return files
+
+
+def _hash_file(digest, root: str, rel: str) -> None:
+    path = os.path.join(root, *rel.split("/"))
+    try:
+        fd, _ = _open_regular(path)
+    except _Unreadable as exc:
+        if rel.startswith("steps/") and exc.kind == "symlink":
+            raise SignatureError(f"symlink is not allowed in steps/: {path}") from None
+        if rel.startswith("steps/") and exc.kind == "special":
+            raise SignatureError(f"unsupported file type in steps/: {path}") from None
+        if exc.kind == "symlink":
+            raise SignatureError(f"symlink is not allowed: {path}") from None
+        if exc.kind in ("missing", "special"):
+            raise SignatureError(f"{rel} not found") from None
+        raise SignatureError(exc.detail) from None
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, HASH_CHUNK_BYTES)
+            except OSError as exc:
+                raise SignatureError(node_error(exc, "read", path)) from None
+            if not chunk:
+                return
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+
+
+def bundle_digest(bundle_dir: str, files: list[str] | None = None) -> bytes:
+    """The 32-byte SHA-256 bundle digest that signatures cover.
+
+    Input: ``spell-bundle-v1 NUL``, then for each file of ``bundle_files`` in
+    order ``file NUL <relative path, UTF-8> NUL <bytes> NUL``.  Files are read
+    as a stream.  ``files`` may pass a ``bundle_files`` result already made.
+    """
+    root = os.path.abspath(bundle_dir)
+    if files is None:
+        files = bundle_files(root)
+    digest = hashlib.sha256(DIGEST_DOMAIN)
+    for rel in files:
+        try:
+            name = rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SignatureError(
+                f"unsupported file name in steps/: {os.path.join(root, rel)!r}"
+            ) from None
+        digest.update(b"file\x00" + name + b"\x00")
+        _hash_file(digest, root, rel)
+        digest.update(b"\x00")
+    return digest.digest()
+
+
+def _required_text(obj: dict, key: str, error=SpellError, prefix: str = "") -> str:
+    """``obj[key]`` trimmed, which must be a string non-empty after trimming."""
+    value = obj.get(key)
+    if not isinstance(value, str) or not js_trim(value):
+        raise error(f"{prefix}missing '{key}' string")
+    return js_trim(value)
+
+
+def read_signature_file(bundle_dir: str) -> dict | None:
+    """Read and check ``<bundle_dir>/spell.sig.json``; ``None`` when it is absent.
+
+    Returns the trimmed fields (digest value lower-cased) in the file's layout.
+    """
+    path = os.path.join(bundle_dir, SIGNATURE_FILE)
+    try:
+        data = _read_regular(path, JSON_FILE_MAX_BYTES)
+    except _Unreadable as exc:
+        if exc.kind == "missing":
+            return None
+        raise SignatureError(f"failed to read spell.sig.json: {exc.detail}") from None
+    try:
+        raw = _parse_json_bytes(data)
+    except ValueError as exc:
+        raise SignatureError(f"failed to parse spell.sig.json: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SignatureError("spell.sig.json must be a JSON object")
+
+    def text(obj: dict, key: str) -> str:
+        return _required_text(obj, key, SignatureError, "spell.sig.json ")
+
+    version = text(raw, "version")
+    if version != "v1":
+        raise SignatureError(f"unsupported signature version: {version}")
+    publisher = text(raw, "publisher")
+    key_id = text(raw, "key_id")
+    algorithm = text(raw, "algorithm")
+    if algorithm != "ed25519":
+        raise SignatureError(f"unsupported signature algorithm: {algorithm}")
+    digest = raw.get("digest")
+    if not isinstance(digest, dict):
+        raise SignatureError("spell.sig.json.digest must be an object")
+    digest_algorithm = text(digest, "algorithm")
+    if digest_algorithm != "sha256":
+        raise SignatureError(f"unsupported digest algorithm: {digest_algorithm}")
+    value = text(digest, "value")
+    if not _HEX64_RE.match(value):
+        raise SignatureError("spell.sig.json.digest.value must be a sha256 hex string")
+    signature = text(raw, "signature")
+    if not is_base64url(signature):
+        raise SignatureError("spell.sig.json.signature must be base64url")
+    return {"version": version, "publisher": publisher, "key_id": key_id,
+            "algorithm": algorithm,
+            "digest": {"algorithm": digest_algorithm, "value": value.lower()},
+            "signature": signature}
+
+
+def _verification(ok: bool, status: str, publisher: str, message: str,
+                  key_id: str | None = None, digest: str | None = None) -> dict:
+    result = {"ok": ok, "status": status, "publisher": publisher}
+    if key_id is not None:
+        result["key_id"] = key_id
+    if digest is not None:
+        result["digest"] = digest
+    result["message"] = message
+    return result
+
+
+def _verify_bundle_strict(manifest: dict, bundle_dir: str, publisher: str) -> dict:
+    sig = read_signature_file(bundle_dir)
+    if sig is None:
+        return _verification(False, "unsigned", publisher, "spell.sig.json not found")
+    key_id, declared = sig["key_id"], sig["digest"]["value"]
+
+    def fail(status: str, message: str, digest_hex: str) -> dict:
+        return _verification(False, status, publisher, message, key_id, digest_hex)
+
+    if sig["publisher"] != publisher:
+        return fail("invalid", f"signature publisher mismatch: expected '{publisher}', "
+                               f"got '{sig['publisher']}'", declared)
+    trust = load_trust(publisher)
+    if trust is None:
+        return fail("untrusted", f"no trusted key for publisher: {publisher}", declared)
+    public_key = trusted_key(trust, key_id)
+    if public_key is None:
+        return fail("untrusted", f"trusted key_id not found: {key_id}", declared)
+    digest = bundle_digest(bundle_dir)
+    if digest.hex() != declared:
+        return fail("invalid", "digest mismatch", digest.hex())
+    try:
+        key = _ed25519_public_key(public_key)
+    except KeyInvalid as exc:
+        message = f"invalid trusted public key: {exc.message}"
+        return fail("untrusted", message, digest.hex())
+    if not _ed25519_verify(key, b64url_decode(sig["signature"]), digest):
+        return fail("invalid", "signature verification failed", digest.hex())
+    return _verification(True, "verified", publisher, "verified", key_id, digest.hex())
+
+
+def verify_bundle(manifest: dict, bundle_dir: str) -> dict:
+    """Check a bundle's ``spell.sig.json`` against the trust store.
+
+    Returns ``{ok, status, publisher, key_id?, digest?, message}`` where status
+    is ``verified``, ``unsigned``, ``untrusted`` or ``invalid``.  A broken
+    signature file, trust file or bundle tree gives ``invalid`` with the error
+    as the message and no key id or digest.  Never raises ``SpellError``,
+    except ``MissingDependency`` when ``cryptography`` is absent.
+    """
+    publisher = publisher_from_id(manifest["id"])
+    try:
+        return _verify_bundle_strict(manifest, bundle_dir, publisher)
+    except MissingDependency:
+        raise
+    except SpellError as exc:
+        return _verification(False, "invalid", publisher, exc.message)
+    except OSError as exc:
+        return _verification(False, "invalid", publisher,
+                             node_error(exc, "open", exc.filename or bundle_dir))
+
+
+def signature_log_block(result: dict, required: bool) -> dict:
+    """The execution log's ``signature`` object for a ``verify_bundle`` result."""
+    block = {"required": required, "status": result["status"]}
+    for key in ("publisher", "key_id", "digest"):
+        if result.get(key) is not None:
+            block[key] = result[key]
+    return block
+
+
+def _check_label(value: str, label: str) -> str:
+    """A publisher or key id: non-empty, no control characters, no outer spaces.
+
+    Outer whitespace is refused because stored labels are trimmed when read: a
+    padded one would never match again.
+    """
+    if not js_trim(value):
+        raise SpellError(f"{label} must not be empty")
+    if has_control_chars(value):
+        raise SpellError(f"{label} must not contain control characters")
+    if js_trim(value) != value:
+        raise SpellError(f"{label} must not start or end with whitespace")
+    if not _is_utf8(value):
+        raise SpellError(f"{label} must be valid UTF-8")
+    return value
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates (undecodable bytes from argv)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 def cmd_sign_keygen(args, io) -> int:
-    raise SpellError("sign keygen: not implemented yet")
+    require("cryptography", "cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    publisher = _check_label(args.publisher, "publisher")
+    key_id = _check_label(args.key_id, "key id")
+    out_dir = os.path.abspath(args.out_dir)
+    base = f"{sanitize(publisher)}__{sanitize(key_id)}"
+    private_path = os.path.join(out_dir, base + ".private.pem")
+    public_path = os.path.join(out_dir, base + ".public.b64url.txt")
+    if len(os.path.basename(public_path).encode("utf-8")) > NAME_MAX:
+        raise SpellError("publisher and key id are too long for a key file name")
+    if not args.force:
+        for path in (private_path, public_path):
+            if os.path.lexists(path):
+                raise SpellError(
+                    f"key file already exists: {path} (use --force to overwrite)")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise SpellError(f"out dir is not a directory: {out_dir}")
+    os.makedirs(out_dir, mode=STORE_DIR_MODE, exist_ok=True)
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    public_b64 = _spki_base64url(key.public_key())
+    write_atomic(private_path, pem, PRIVATE_FILE_MODE)
+    write_atomic(public_path, public_b64 + "\n", 0o644)
+    io.out(f"publisher: {publisher}")
+    io.out(f"key_id: {key_id}")
+    io.out(f"private_key: {private_path}")
+    io.out(f"public_key_file: {public_path}")
+    io.out(f"public_key_base64url: {public_b64}")
+    io.out(f"trust_add: spell trust add {publisher} {public_b64} --key-id {key_id}")
+    return 0
+
+
+def load_private_key(path: str):
+    """Read an Ed25519 private key file (PKCS#8 PEM, unencrypted)."""
+    try:
+        pem = _read_regular(path, PRIVATE_KEY_MAX_BYTES, follow_symlinks=True)
+    except _Unreadable as exc:
+        if exc.kind in ("missing", "os"):
+            raise SignatureError(f"private key file not found: {path}") from None
+        raise SignatureError(
+            f"failed to read private key file {path}: {exc.detail}") from None
+    try:
+        return _ed25519_private_key(pem)
+    except KeyInvalid as exc:
+        raise SignatureError(f"failed to parse private key: {exc.message}") from None
+
+
+def sign_bundle(bundle_dir: str, private_key, publisher: str,
+                key_id: str) -> tuple[str, str]:
+    """Write ``spell.sig.json`` for a bundle; return (its path, the digest hex)."""
+    root = os.path.abspath(bundle_dir)
+    digest = bundle_digest(root)
+    record = {
+        "version": "v1",
+        "publisher": publisher,
+        "key_id": key_id,
+        "algorithm": "ed25519",
+        "digest": {"algorithm": "sha256", "value": digest.hex()},
+        "signature": b64url_encode(private_key.sign(digest)),
+    }
+    path = os.path.join(root, SIGNATURE_FILE)
+    # Public data that install copies: readable like the bundle's other files.
+    write_atomic(path, dump_json(record), 0o644)
+    return path, digest.hex()
 
 
 def cmd_sign_bundle(args, io) -> int:
-    raise SpellError("sign bundle: not implemented yet")
+    key_id = _check_label(args.key_id, "key id")
+    root = os.path.abspath(args.local_path)
+    manifest = load_manifest(root)
+    derived = publisher_from_id(manifest["id"])
+    given = js_trim(args.publisher or "")
+    publisher = given or derived
+    if publisher != derived:
+        raise SignatureError(
+            f"publisher mismatch: manifest expects '{derived}', got '{publisher}'"
+        )
+    key = load_private_key(args.private_key)
+    path, digest_hex = sign_bundle(root, key, publisher, key_id)
+    io.out(f"signed: {path}")
+    io.out(f"publisher: {escape_text(publisher)}")
+    io.out(f"key_id: {key_id}")
+    io.out(f"digest: {digest_hex}")
+    return 0
 
 
 def cmd_verify(args, io) -> int:
-    raise SpellError("verify: not implemented yet")
+    bundle_dir, manifest = resolve_installed(args.id, args.version)
+    result = verify_bundle(manifest, bundle_dir)
+    try:
+        files = bundle_files(bundle_dir)
+    except SpellError:
+        files = []
+    if args.json:
+        io.out(spell_runner.dumps_js(dict(result, files=files), indent=2))
+    else:
+        io.out(f"status: {result['status']}")
+        io.out(f"publisher: {escape_text(result['publisher'])}")
+        io.out(f"key_id: {escape_text(result.get('key_id', '-'))}")
+        io.out(f"digest: {result.get('digest', '-')}")
+        io.out("files:" if files else "files: (none readable)")
+        for rel in files:
+            io.out(f"  {escape_text(rel)}")
+    if not result["ok"]:
+        raise SignatureError(result["message"])
+    return 0
 
 
 # Trust store #################################################################
 
 
+class TrustError(SpellError):
+    error_code = "INVALID_TRUST_FILE"
+
+
+#: A base64url SPKI DER Ed25519 key is 59 characters; anything past this is junk.
+PUBLIC_KEY_MAX_CHARS = 4096
+
+
+def trust_file_path(publisher: str) -> str:
+    """``<store>/trust/publishers/<base64url(publisher)>.json``."""
+    return store_path("trust", "publishers", id_key(publisher) + ".json")
+
+
+def _validate_trust(raw, publisher: str, path: str) -> dict:
+    if not isinstance(raw, dict):
+        raise TrustError(f"trust file must be a JSON object: {path}")
+    version = _required_text(raw, "version", TrustError)
+    if version != "v1":
+        raise TrustError(f"unsupported trust file version: {version}")
+    file_publisher = _required_text(raw, "publisher", TrustError)
+    if file_publisher != publisher:
+        raise TrustError(
+            f"trust file publisher mismatch: expected '{publisher}', got '{file_publisher}'"
+        )
+    items = raw.get("keys")
+    if not isinstance(items, list) or not items:
+        raise TrustError("trust file keys must be a non-empty array")
+    keys, seen = [], set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise TrustError(f"trust file keys[{i}] must be an object")
+        key_id = _required_text(item, "key_id", TrustError)
+        algorithm = _required_text(item, "algorithm", TrustError)
+        if algorithm != "ed25519":
+            raise TrustError(f"unsupported trust key algorithm: {algorithm}")
+        public_key = _required_text(item, "public_key", TrustError)
+        if not is_base64url(public_key):
+            raise TrustError("trust key public_key must be base64url")
+        if key_id in seen:
+            raise TrustError(f"duplicate trust key_id: {key_id}")
+        seen.add(key_id)
+        keys.append({"key_id": key_id, "algorithm": algorithm,
+                     "public_key": public_key})
+    return {"version": version, "publisher": file_publisher, "keys": keys}
+
+
+def load_trust(publisher: str) -> dict | None:
+    """Strictly load the trust file of ``publisher``; ``None`` when it has none.
+
+    A missing or unreadable file means no trust; a file that is there but
+    broken (not a regular file, too big, bad JSON, bad fields) is an error.
+    """
+    path = trust_file_path(publisher)
+    try:
+        data = _read_regular(path, JSON_FILE_MAX_BYTES)
+    except _Unreadable as exc:
+        if exc.kind in ("missing", "os"):
+            return None
+        raise TrustError(f"failed to read trust file {path}: {exc.detail}") from None
+    try:
+        raw = _parse_json_bytes(data)
+    except ValueError:
+        raise TrustError(f"failed to parse trust file: {path}") from None
+    return _validate_trust(raw, publisher, path)
+
+
+def trusted_key(trust: dict, key_id: str) -> str | None:
+    """The base64url public key stored for ``key_id``, if any."""
+    for key in trust["keys"]:
+        if key["key_id"] == key_id:
+            return key["public_key"]
+    return None
+
+
+def _parse_trust_key_arg(text: str) -> str:
+    """Check a ``trust add`` key argument; return the trimmed base64url text."""
+    text = js_trim(text)
+    if len(text) > PUBLIC_KEY_MAX_CHARS:
+        raise SpellError(
+            f"invalid public key: longer than {PUBLIC_KEY_MAX_CHARS} characters")
+    if not is_base64url(text):
+        raise SpellError(
+            "invalid public key: must be base64url (A-Z a-z 0-9 - _, no padding)"
+        )
+    try:
+        key = _ed25519_public_key(text)
+    except KeyInvalid as exc:
+        raise SpellError(f"invalid public key: {exc.message}") from None
+    if _spki_base64url(key) != text:
+        raise SpellError(
+            "invalid public key: not the exact base64url of an SPKI DER key")
+    return text
+
+
+def add_trusted_key(publisher: str, key_id: str, public_key: str) -> None:
+    """Add or replace one key of a publisher's trust file (written atomically)."""
+    existing = load_trust(publisher)
+    keys = [k for k in (existing["keys"] if existing else []) if k["key_id"] != key_id]
+    keys.append({"key_id": key_id, "algorithm": "ed25519", "public_key": public_key})
+    keys.sort(key=lambda k: locale_key(k["key_id"]))
+    folder = store_path("trust", "publishers")
+    ensure_dir(folder)
+    write_atomic(trust_file_path(publisher),
+                 dump_json({"version": "v1", "publisher": publisher, "keys": keys}))
+
+
 def cmd_trust_add(args, io) -> int:
-    raise SpellError("trust add: not implemented yet")
+    publisher = _check_label(args.publisher, "publisher")
+    key_id = _check_label(args.key_id, "key id")
+    if len(os.path.basename(trust_file_path(publisher)).encode()) > NAME_MAX:
+        raise SpellError("publisher is too long to store")
+    public_key = _parse_trust_key_arg(args.public_key)
+    add_trusted_key(publisher, key_id, public_key)
+    io.out(f"trusted publisher={publisher} key_id={key_id}")
+    return 0
+
+
+def _utf16_key(text: str) -> bytes:
+    """Sort key for JavaScript's default (UTF-16 code unit) string order."""
+    return text.encode("utf-16-be", "surrogatepass")
+
+
+def _listable_key(item) -> bool:
+    """Whether ``trust list`` shows a key entry (lenient reading)."""
+    return (isinstance(item, dict)
+            and isinstance(item.get("key_id"), str) and bool(js_trim(item["key_id"]))
+            and isinstance(item.get("public_key"), str)
+            and item.get("algorithm") == "ed25519")
+
+
+def list_trusted() -> list[tuple[str, list[str]]]:
+    """Trusted publishers and their key ids, read leniently (junk is skipped).
+
+    Publishers are in locale order, key ids in code-unit order.
+    """
+    folder = store_path("trust", "publishers")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            raw = _parse_json_bytes(_read_regular(os.path.join(folder, name),
+                                                  JSON_FILE_MAX_BYTES))
+        except (_Unreadable, ValueError):
+            continue
+        if not isinstance(raw, dict) or raw.get("version") != "v1":
+            continue
+        publisher = raw.get("publisher")
+        if not isinstance(publisher, str) or not js_trim(publisher):
+            continue
+        items = raw.get("keys")
+        if not isinstance(items, list):
+            continue
+        key_ids = [js_trim(item["key_id"]) for item in items if _listable_key(item)]
+        if key_ids:
+            found.append((js_trim(publisher), sorted(key_ids, key=_utf16_key)))
+    found.sort(key=lambda entry: locale_key(entry[0]))
+    return found
 
 
 def cmd_trust_list(args, io) -> int:
-    raise SpellError("trust list: not implemented yet")
+    trusted = list_trusted()
+    if not trusted:
+        io.out("No trusted publishers")
+        return 0
+    io.out("publisher\tkey_ids")
+    for publisher, key_ids in trusted:
+        io.out(f"{escape_text(publisher)}\t{escape_text(','.join(key_ids))}")
+    return 0
 
 
 def cmd_trust_remove(args, io) -> int:
-    raise SpellError("trust remove: not implemented yet")
+    if not _is_utf8(args.publisher):
+        raise NotFound(f"trusted publisher not found: {args.publisher}")
+    path = trust_file_path(args.publisher)
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise NotFound(f"trusted publisher not found: {args.publisher}") from None
+        raise
+    io.out(f"removed publisher={escape_text(args.publisher)}")
+    return 0
 
 
 # Entitlements and licences ###################################################
 
 
+class EntitlementError(SpellError):
+    error_code = "ENTITLEMENT_INVALID"
+
+
+class LicenseError(SpellError):
+    error_code = "INVALID_LICENSE"
+
+
+ENTITLEMENT_PREFIX = "ent1"
+ENTITLEMENT_MODES = ("upfront", "on_success", "subscription")
+#: Claims are eight short fields (a token is about 400 characters); 16 KiB
+#: leaves room for long issuer names and refuses junk before decoding it.
+ENTITLEMENT_TOKEN_MAX_CHARS = 16 * 1024
+_TIMESTAMP_RE = re.compile(
+    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+_MS_PER_DAY = 86_400_000
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date; day may overflow."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468 + (day - 1)
+
+
+def timestamp_ms(text: str) -> int | None:
+    """Epoch milliseconds of an entitlement timestamp, or ``None`` if invalid.
+
+    The text must already match the strict ISO-8601 pattern.  Like V8's
+    ``Date.parse`` a day up to 31 rolls over into the next month and ``24:00:00``
+    means the next midnight; digits past milliseconds are ignored.
+    """
+    m = _TIMESTAMP_RE.match(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    fraction, zone = m.group(7) or "", m.group(8)
+    if not (1 <= month <= 12 and 1 <= day <= 31 and minute <= 59 and second <= 59):
+        return None
+    if hour > 24 or (hour == 24 and (minute or second or fraction.strip("0"))):
+        return None
+    offset = 0
+    if zone != "Z":
+        zone_hours, zone_minutes = int(zone[1:3]), int(zone[4:6])
+        if zone_hours > 23 or zone_minutes > 59:
+            return None
+        offset = (zone_hours * 60 + zone_minutes) * 60_000
+        if zone[0] == "-":
+            offset = -offset
+    millis = int((fraction + "000")[:3])
+    time_ms = ((hour * 60 + minute) * 60 + second) * 1000 + millis
+    return _days_from_civil(year, month, day) * _MS_PER_DAY + time_ms - offset
+
+
+def _epoch_ms(now) -> int:
+    """``now`` (an aware ``datetime``, or epoch seconds) in epoch milliseconds."""
+    import datetime
+
+    if isinstance(now, datetime.datetime):
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=datetime.timezone.utc)
+        epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+        return (now - epoch) // datetime.timedelta(milliseconds=1)
+    if isinstance(now, (int, float)) and not isinstance(now, bool):
+        return int(now * 1000)
+    raise TypeError("now must be a datetime or epoch seconds")
+
+
+def _is_json_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    import math
+
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too big for a float is Infinity in JSON
+        return False
+
+
+def validate_claims(raw) -> dict:
+    """Check entitlement claims in the original's order; return them trimmed."""
+    prefix = "invalid entitlement payload: "
+    if not isinstance(raw, dict):
+        raise EntitlementError(prefix + "expected JSON object")
+
+    def text(key: str) -> str:
+        return _required_text(raw, key, EntitlementError, prefix)
+
+    version = text("version")
+    if version != "v1":
+        raise EntitlementError(f"{prefix}unsupported version '{version}'")
+    issuer = text("issuer")
+    key_id = text("key_id")
+    mode = text("mode")
+    if mode not in ENTITLEMENT_MODES:
+        raise EntitlementError(f"{prefix}unsupported mode '{mode}'")
+    currency = text("currency")
+    max_amount = raw.get("max_amount")
+    if not _is_json_number(max_amount):
+        raise EntitlementError(prefix + "missing 'max_amount' number")
+    if not _is_finite(max_amount) or max_amount < 0:
+        raise EntitlementError(
+            prefix + "max_amount must be a non-negative finite number")
+    not_before = text("not_before")
+    expires_at = text("expires_at")
+    bounds = []
+    for key, value in (("not_before", not_before), ("expires_at", expires_at)):
+        if not _TIMESTAMP_RE.match(value):
+            raise EntitlementError(f"{prefix}'{key}' must be an ISO-8601 timestamp")
+        millis = timestamp_ms(value)
+        if millis is None:
+            raise EntitlementError(f"{prefix}'{key}' is not a valid timestamp")
+        bounds.append(millis)
+    if bounds[0] > bounds[1]:
+        raise EntitlementError(prefix + "not_before must be <= expires_at")
+    return {"version": version, "issuer": issuer, "key_id": key_id, "mode": mode,
+            "currency": currency, "max_amount": max_amount,
+            "not_before": not_before, "expires_at": expires_at}
+
+
+def parse_entitlement_token(token: str) -> dict:
+    """Parse ``ent1.<payload>.<signature>`` without checking its signature.
+
+    Returns ``{"token", "claims", "metadata"}``: the trimmed token, the checked
+    claims and ``{"format": "ent1", "payload_base64url", "signature_base64url"}``.
+    """
+    token = js_trim(token) if isinstance(token, str) else ""
+    if not token:
+        raise EntitlementError("entitlement token must be non-empty")
+    if len(token) > ENTITLEMENT_TOKEN_MAX_CHARS:
+        raise EntitlementError(
+            f"entitlement token is longer than {ENTITLEMENT_TOKEN_MAX_CHARS} characters"
+        )
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != ENTITLEMENT_PREFIX:
+        raise EntitlementError(
+            "invalid entitlement token format; expected "
+            "ent1.<payloadBase64url>.<signatureBase64url>"
+        )
+    _, payload, signature = parts
+    if not payload or not signature:
+        raise EntitlementError("invalid entitlement token format; "
+                               "payload and signature segments are required")
+    if not is_base64url(payload):
+        raise EntitlementError("invalid entitlement payload segment: must be base64url")
+    if not is_base64url(signature):
+        raise EntitlementError(
+            "invalid entitlement signature segment: must be base64url")
+    try:
+        raw = _parse_json_bytes(b64url_decode(payload))
+    except ValueError as exc:
+        raise EntitlementError(f"invalid entitlement payload JSON: {exc}") from None
+    return {
+        "token": token,
+        "claims": validate_claims(raw),
+        "metadata": {"format": ENTITLEMENT_PREFIX, "payload_base64url": payload,
+                     "signature_base64url": signature},
+    }
+
+
+def _check_entitlement_signature(parsed: dict) -> None:
+    """Verify a parsed token against its issuer's key in the trust store now."""
+    claims = parsed["claims"]
+    issuer, key_id = claims["issuer"], claims["key_id"]
+    trust = load_trust(issuer)
+    if trust is None:
+        raise EntitlementError(f"entitlement issuer is not trusted: {issuer}")
+    public_key = trusted_key(trust, key_id)
+    if public_key is None:
+        raise EntitlementError(
+            f"entitlement key_id is not trusted for issuer '{issuer}': {key_id}"
+        )
+    try:
+        key = _ed25519_public_key(public_key)
+    except KeyInvalid as exc:
+        raise EntitlementError(f"invalid trusted public key: {exc.message}") from None
+    metadata = parsed["metadata"]
+    signature = b64url_decode(metadata["signature_base64url"])
+    # The signature covers the payload segment's ASCII text, not the decoded JSON.
+    payload = metadata["payload_base64url"].encode("ascii")
+    if not _ed25519_verify(key, signature, payload):
+        raise EntitlementError("entitlement signature verification failed")
+
+
+def _in_window(claims: dict, now_ms: int) -> bool:
+    start, end = timestamp_ms(claims["not_before"]), timestamp_ms(claims["expires_at"])
+    return start <= now_ms <= end
+
+
+def verify_entitlement_token(token: str, now) -> dict:
+    """Parse a token, verify its signature with the trust store and its time window.
+
+    ``now`` is an aware ``datetime`` or epoch seconds; the window is inclusive.
+    Returns what ``parse_entitlement_token`` returns.
+    """
+    parsed = parse_entitlement_token(token)
+    _check_entitlement_signature(parsed)
+    claims, now_ms = parsed["claims"], _epoch_ms(now)
+    if now_ms < timestamp_ms(claims["not_before"]):
+        raise EntitlementError(
+            f"entitlement token not valid yet (not_before={claims['not_before']})"
+        )
+    if now_ms > timestamp_ms(claims["expires_at"]):
+        raise EntitlementError(
+            f"entitlement token expired (expires_at={claims['expires_at']})")
+    return parsed
+
+
+def license_path(name: str) -> str:
+    """``<store>/licenses/<base64url(name)>.json`` for a trimmed licence name."""
+    return store_path("licenses", id_key(name) + ".json")
+
+
+def _license_name(name: str) -> str:
+    trimmed = js_trim(name)
+    if not trimmed:
+        raise LicenseError("license name must be non-empty")
+    if not _is_utf8(trimmed):
+        raise LicenseError("license name must be valid UTF-8")
+    if len(os.path.basename(license_path(trimmed)).encode()) > NAME_MAX:
+        raise LicenseError(
+            f"license name is too long: its file name would exceed {NAME_MAX} bytes"
+        )
+    return trimmed
+
+
+def _validate_license(raw, path: str, expected_name: str | None, strict: bool) -> dict:
+    """Check a licence record; return ``{name, token, created_at?, updated_at?,
+    entitlement?}``.  Lenient reading (``strict`` false) makes dates optional."""
+    if not isinstance(raw, dict):
+        raise LicenseError(f"license file must be a JSON object: {path}")
+    version = _required_text(raw, "version", LicenseError)
+    if version not in ("v1", "v2"):
+        raise LicenseError(f"unsupported license file version: {version}")
+    name = _required_text(raw, "name", LicenseError)
+    if expected_name is not None and name != expected_name:
+        raise LicenseError(
+            f"license file name mismatch: expected '{expected_name}', got '{name}'"
+        )
+    record = {"name": name, "token": _required_text(raw, "token", LicenseError)}
+    for key in ("created_at", "updated_at"):
+        value = raw.get(key)
+        if strict or (isinstance(value, str) and js_trim(value)):
+            record[key] = _required_text(raw, key, LicenseError)
+    if version == "v1":
+        return record
+    metadata = raw.get("token_metadata")
+    if not isinstance(metadata, dict):
+        raise LicenseError(f"license token_metadata must be an object: {path}")
+    if metadata.get("format") != ENTITLEMENT_PREFIX:
+        raise LicenseError("license token_metadata.format must be 'ent1'")
+    for key in ("payload_base64url", "signature_base64url"):
+        if not is_base64url(metadata.get(key)):
+            raise LicenseError(f"license token_metadata.{key} must be base64url")
+    claims = validate_claims(raw.get("entitlement"))
+    try:
+        parsed = parse_entitlement_token(record["token"])
+    except EntitlementError as exc:
+        raise LicenseError(f"invalid stored entitlement token: {exc.message}") from None
+    segments = parsed["metadata"]
+    if (segments["payload_base64url"] != metadata["payload_base64url"]
+            or segments["signature_base64url"] != metadata["signature_base64url"]):
+        raise LicenseError(
+            "stored entitlement token metadata does not match token segments")
+    if parsed["claims"] != claims:
+        raise LicenseError(
+            "stored entitlement claims do not match token payload claims")
+    record["entitlement"] = claims
+    return record
+
+
+def _load_license(path: str, expected_name: str | None, strict: bool) -> dict | None:
+    try:
+        data = _read_regular(path, JSON_FILE_MAX_BYTES)
+    except _Unreadable as exc:
+        if exc.kind == "missing":
+            return None
+        raise LicenseError(
+            f"failed to read license file {path}: {exc.detail}") from None
+    try:
+        raw = _parse_json_bytes(data)
+    except ValueError:
+        raise LicenseError(f"failed to parse license file: {path}") from None
+    return _validate_license(raw, path, expected_name, strict)
+
+
+def list_licenses() -> list[dict]:
+    """Stored licences, read leniently and sorted by name (locale order).
+
+    Each is ``{name, token, created_at?, updated_at?, entitlement?}`` (v1
+    records have no entitlement).  Broken files are skipped.  Nothing here
+    checks signatures: ``find_matching_license`` does.
+    """
+    folder = store_path("licenses")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):  # sorted: records sharing a name keep one order
+        if not name.endswith(".json"):
+            continue
+        try:
+            record = _load_license(os.path.join(folder, name), None, strict=False)
+        except SpellError:
+            continue
+        if record is not None:
+            found.append(record)
+    found.sort(key=lambda record: locale_key(record["name"]))
+    return found
+
+
+def _still_trusted(record: dict) -> bool:
+    """True when the stored token still verifies against the current trust store."""
+    try:
+        _check_entitlement_signature(parse_entitlement_token(record["token"]))
+    except MissingDependency:
+        raise
+    except SpellError:
+        return False
+    return True
+
+
+def find_matching_license(billing: dict, now) -> str | None:
+    """The name of the first licence that covers ``billing`` at ``now``, if any.
+
+    Licences are tried in name order.  One matches when its claims' window holds
+    ``now`` (inclusive), its mode equals ``billing["mode"]``, its currency equals
+    ``billing["currency"]`` (trimmed, case-insensitive), its ``max_amount`` is at
+    least ``billing["max_amount"]``, and its token still verifies with the
+    issuer's key as trusted now (a hand-written record or a removed key unlocks
+    nothing).
+    """
+    now_ms = _epoch_ms(now)
+    currency = js_trim(billing["currency"]).lower()
+    for record in list_licenses():
+        claims = record.get("entitlement")
+        if claims is None or not _in_window(claims, now_ms):
+            continue
+        if claims["mode"] != billing["mode"]:
+            continue
+        if js_trim(claims["currency"]).lower() != currency:
+            continue
+        if not claims["max_amount"] >= billing["max_amount"]:
+            continue
+        if _still_trusted(record):
+            return record["name"]
+    return None
+
+
 def cmd_license_add(args, io) -> int:
-    raise SpellError("license add: not implemented yet")
+    name = _license_name(args.name)
+    if not js_trim(args.token):
+        raise LicenseError("license token must be non-empty")
+    parsed = verify_entitlement_token(args.token, time.time())
+    path = license_path(name)
+    existing = _load_license(path, name, strict=True)
+    now = iso_now()
+    record = {
+        "version": "v2",
+        "name": name,
+        "token": parsed["token"],
+        "token_metadata": parsed["metadata"],
+        "entitlement": parsed["claims"],
+        "created_at": existing["created_at"] if existing else now,
+        "updated_at": now,
+    }
+    ensure_dir(store_path("licenses"))
+    write_atomic(path, dump_json(record))
+    io.out(f"added license={escape_text(name)}")
+    return 0
 
 
 def cmd_license_list(args, io) -> int:
-    raise SpellError("license list: not implemented yet")
+    records = list_licenses()
+    if not records:
+        io.out("No licenses")
+        return 0
+    io.out("name\tissuer\tmode\tcurrency\tmax_amount\texpires_at\tupdated_at")
+    for record in records:
+        claims = record.get("entitlement") or {}
+        cells = [record["name"], claims.get("issuer", "-"), claims.get("mode", "-"),
+                 claims.get("currency", "-"),
+                 js_number(claims["max_amount"]) if claims else "-",
+                 claims.get("expires_at", "-"), record.get("updated_at", "-")]
+        io.out("\t".join(escape_text(cell) for cell in cells))
+    return 0
 
 
 def cmd_license_remove(args, io) -> int:
-    raise SpellError("license remove: not implemented yet")
+    name = js_trim(args.name)
+    if not name:
+        raise LicenseError("license name must be non-empty")
+    if not _is_utf8(name):
+        raise NotFound(f"license not found: {args.name}")
+    try:
+        os.unlink(license_path(name))
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise NotFound(f"license not found: {args.name}") from None
+        raise
+    io.out(f"removed license={escape_text(name)}")
+    return 0
 
 
 # Policy ######################################################################
 
 
+class PolicyError(SpellError):
+    """A policy file that cannot be used; its message starts ``invalid policy:``."""
+
+    error_code = "INVALID_POLICY"
+
+    def __init__(self, detail: str):
+        super().__init__(f"invalid policy: {detail}")
+
+
+POLICY_FILE = "policy.json"
+_POLICY_KEYS = ("version", "default", "publishers", "max_risk", "runtime")
+
+
+def policy_path() -> str:
+    """``<store>/policy.json``."""
+    return store_path(POLICY_FILE)
+
+
+def _js_text(value) -> str:
+    """``String(value)`` in JavaScript, for JSON values."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return js_number(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return ",".join("" if item is None else _js_text(item) for item in value)
+    return "[object Object]"
+
+
+def _policy_list(obj: dict, key: str, label: str) -> list[str]:
+    value = obj[key]
+    if not isinstance(value, list):
+        raise PolicyError(f"{label} must be an array of strings")
+    items = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not js_trim(item):
+            raise PolicyError(f"{label}[{i}] must be a non-empty string")
+        items.append(js_trim(item))
+    return items
+
+
+def _unknown_key(obj: dict, allowed: tuple, where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise PolicyError(f"{where} contains unknown key '{key}'")
+
+
+def validate_policy(raw) -> dict:
+    """Check a parsed policy in the original's order; return it normalised.
+
+    Unknown keys are errors at every level.  Lists come back trimmed.
+    """
+    if not isinstance(raw, dict):
+        raise PolicyError("policy must be a JSON object")
+    _unknown_key(raw, _POLICY_KEYS, "policy")
+    version = _required_text(raw, "version", PolicyError)
+    if version != "v1":
+        raise PolicyError(f"unsupported version: {version}")
+    default = _required_text(raw, "default", PolicyError)
+    if default not in ("allow", "deny"):
+        raise PolicyError(f"default must be 'allow' or 'deny', got '{default}'")
+    policy = {"version": version, "default": default}
+    if "publishers" in raw:
+        publishers = raw["publishers"]
+        if not isinstance(publishers, dict):
+            raise PolicyError("publishers must be an object")
+        _unknown_key(publishers, ("allow", "deny"), "publishers")
+        policy["publishers"] = {key: _policy_list(publishers, key, f"publishers.{key}")
+                                for key in ("allow", "deny") if key in publishers}
+    if "max_risk" in raw:
+        max_risk = raw["max_risk"]
+        if not isinstance(max_risk, str) or max_risk not in RISKS:
+            raise PolicyError("max_risk must be one of low|medium|high|critical, "
+                              f"got '{_js_text(max_risk)}'")
+        policy["max_risk"] = max_risk
+    if "runtime" in raw:
+        runtime = raw["runtime"]
+        if not isinstance(runtime, dict):
+            raise PolicyError("runtime must be an object")
+        _unknown_key(runtime, ("allow_execution",), "runtime")
+        policy["runtime"] = {}
+        if "allow_execution" in runtime:
+            label = "runtime.allow_execution"
+            executions = _policy_list(runtime, "allow_execution", label)
+            for i, item in enumerate(executions):
+                if item not in EXECUTIONS:
+                    raise PolicyError(f"{label}[{i}] must be 'host' or 'docker'")
+            policy["runtime"]["allow_execution"] = executions
+    return policy
+
+
+def read_policy_file(path: str, *, missing_ok: bool = True) -> dict | None:
+    """Load and validate a policy file; ``None`` when it does not exist.
+
+    A symlink is followed (an administrator may link a managed policy in), but
+    a dangling one is an error rather than "no policy".  Not a regular file,
+    larger than the cap, not JSON (NaN and Infinity included) or not a valid
+    policy: ``PolicyError``.
+    """
+    try:
+        data = _read_regular(path, JSON_FILE_MAX_BYTES, follow_symlinks=True)
+    except _Unreadable as exc:
+        if exc.kind == "missing" and missing_ok and not os.path.lexists(path):
+            return None
+        raise PolicyError(f"failed to read {path}: {exc.detail}") from None
+    try:
+        raw = _parse_json_bytes(data)
+    except ValueError as exc:
+        raise PolicyError(f"failed to parse JSON: {exc}") from None
+    return validate_policy(raw)
+
+
+def load_policy() -> dict | None:
+    """The policy in force (``<store>/policy.json``), or ``None`` when there is none."""
+    return read_policy_file(policy_path())
+
+
+def evaluate_policy(policy: dict | None, publisher: str, risk: str,
+                    execution: str) -> str | None:
+    """The reason the policy denies a cast, or ``None`` when it allows it.
+
+    Rules in order: denied publisher, publisher outside a present allow list,
+    risk above ``max_risk``, execution outside ``runtime.allow_execution``,
+    then ``default: deny``.
+    """
+    if policy is None:
+        return None
+    publishers = policy.get("publishers") or {}
+    if publisher in publishers.get("deny", ()):
+        return f"publisher '{publisher}' is denied"
+    if "allow" in publishers and publisher not in publishers["allow"]:
+        return f"publisher '{publisher}' is not allowed"
+    max_risk = policy.get("max_risk")
+    if max_risk is not None:
+        # An unknown risk ranks above every known one: fail closed.
+        rank = RISKS.index(risk) if risk in RISKS else len(RISKS)
+        if rank > RISKS.index(max_risk):
+            return f"risk '{risk}' exceeds max_risk '{max_risk}'"
+    runtime = policy.get("runtime") or {}
+    if "allow_execution" in runtime and execution not in runtime["allow_execution"]:
+        return f"runtime execution '{execution}' is not allowed"
+    if policy["default"] == "deny":
+        return "default policy is deny"
+    return None
+
+
+def check_policy(manifest: dict) -> None:
+    """Load the policy and raise ``PolicyDenied`` if it refuses this manifest."""
+    reason = evaluate_policy(load_policy(), publisher_from_id(manifest["id"]),
+                             manifest["risk"], manifest["runtime"]["execution"])
+    if reason is not None:
+        raise PolicyDenied(f"policy denied: {reason}")
+
+
 def cmd_policy_show(args, io) -> int:
-    raise SpellError("policy show: not implemented yet")
+    path = policy_path()
+    policy = read_policy_file(path)
+    if policy is None:
+        io.out(f"No policy: {path} does not exist, so every spell is allowed")
+        return 0
+    io.out(spell_runner.dumps_js(policy, indent=2))
+    return 0
 
 
 def cmd_policy_validate(args, io) -> int:
-    raise SpellError("policy validate: not implemented yet")
+    read_policy_file(args.file, missing_ok=False)
+    io.out(f"policy ok: {args.file}")
+    return 0
 
 
 # Cast ########################################################################
@@ -2066,11 +3653,7 @@ def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
     log["input"] = merged
     validate_input(load_schema(bundle_dir, manifest), merged)
 
-    try:
-        result = verify_bundle(manifest, bundle_dir)
-    except (SpellError, OSError, ValueError) as exc:
-        text = exc.message if isinstance(exc, SpellError) else str(exc)
-        result = {"ok": False, "status": "invalid", "publisher": publisher, "message": text}
+    result = verify_bundle(manifest, bundle_dir)  # reports problems as "invalid"
     log["signature"] = signature_log_block(result, required)
     if required and not result["ok"]:
         raise SignatureError(f"signature required: {result['message']}")
@@ -2486,6 +4069,11 @@ class SpellArgumentParser(argparse.ArgumentParser):
     def print_help(self, file=None):
         super().print_help(file or self.stdout)
 
+    def _print_message(self, message, file=None):
+        # argparse writes help and --version to sys.stdout; use our stream.
+        if message:
+            (self.stdout if file is None or file is sys.stdout else file).write(message)
+
     def exit(self, status=0, message=None):
         if message:
             raise UsageError(message.strip(), self.format_usage())
@@ -2502,33 +4090,45 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
         pass
 
     Parser.stdout = stdout or sys.stdout
-    parser = Parser(prog="spell", description="Minimal runtime for SpellBundle v1",
-                    allow_abbrev=False)
+    parser = Parser(
+        prog="spell",
+        description="Minimal runtime for SpellBundle v1",
+        allow_abbrev=False,
+    )
     parser.add_argument("--version", action="version", version=f"spell {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="<command>")
 
     def command(name, func, help_text, **kw):
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  allow_abbrev=False, **kw)
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, allow_abbrev=False, **kw
+        )
         sub.set_defaults(func=func, parser=sub)
         return sub
 
     def group(name, help_text):
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  allow_abbrev=False)
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, allow_abbrev=False
+        )
         sub.set_defaults(func=None, parser=sub)
         return sub, sub.add_subparsers(title="commands", metavar="<command>")
 
     def subcommand(parent, name, func, help_text, **kw):
-        sub = parent.add_parser(name, help=help_text, description=help_text,
-                                allow_abbrev=False, **kw)
+        sub = parent.add_parser(
+            name, help=help_text, description=help_text, allow_abbrev=False, **kw
+        )
         sub.set_defaults(func=func, parser=sub)
         return sub
 
-    p = command("install", cmd_install, "Install a spell bundle from local path or git URL",
-                epilog="example: spell install ./my-spell   or   "
-                       "spell install https://example.com/spells.git#v1.0.0")
-    p.add_argument("source", help="Path to local spell bundle or git URL (git requires #<ref>)")
+    p = command(
+        "install",
+        cmd_install,
+        "Install a spell bundle from local path or git URL",
+        epilog="example: spell install ./my-spell   or   "
+        "spell install https://example.com/spells.git#v1.0.0",
+    )
+    p.add_argument(
+        "source", help="Path to local spell bundle or git URL (git requires #<ref>)"
+    )
 
     p = command("list", cmd_list, "List installed spells")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -2538,45 +4138,84 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
     p.add_argument("--version", help="Specific version")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = command("cast", cmd_cast, "Cast a spell",
-                epilog="example: spell cast samples/hello --allow-unsigned -p name=world")
+    p = command(
+        "cast",
+        cmd_cast,
+        "Cast a spell",
+        epilog="example: spell cast samples/hello --allow-unsigned -p name=world",
+    )
     p.add_argument("id", help="Spell id")
     inputs = p.add_argument_group("input")
     inputs.add_argument("--version", help="Specific version")
-    inputs.add_argument("-p", "--param", action="append", default=[], metavar="key=value",
-                        help="Input override (repeatable; JSON-typed values, dotted keys)")
+    inputs.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="Input override (repeatable; JSON-typed values, dotted keys)",
+    )
     inputs.add_argument("--input", metavar="file", help="Input JSON file")
     guards = p.add_argument_group("guards")
-    guards.add_argument("--dry-run", action="store_true",
-                        help="Validate and summarize only")
-    guards.add_argument("--yes", action="store_true", help="Acknowledge high or critical risk")
-    guards.add_argument("--allow-billing", action="store_true",
-                        help="Allow billing-enabled spells")
-    guards.add_argument("--require-signature", action="store_true",
-                        help="Require verified signature (the default)")
-    guards.add_argument("--allow-unsigned", action="store_true",
-                        help="Allow unsigned bundles (overrides signature requirement)")
+    guards.add_argument(
+        "--dry-run", action="store_true", help="Validate and summarize only"
+    )
+    guards.add_argument(
+        "--yes", action="store_true", help="Acknowledge high or critical risk"
+    )
+    guards.add_argument(
+        "--allow-billing", action="store_true", help="Allow billing-enabled spells"
+    )
+    guards.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="Require verified signature (the default)",
+    )
+    guards.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="Allow unsigned bundles (overrides signature requirement)",
+    )
     output = p.add_argument_group("output")
-    output.add_argument("--verbose", action="store_true",
-                        help="Show progress and step output on stderr")
+    output.add_argument(
+        "--verbose", action="store_true", help="Show progress and step output on stderr"
+    )
     output.add_argument("--profile", metavar="name", help="Reserved for future use")
 
     _, sign = group("sign", "Create signing keys and sign spell bundles")
-    p = subcommand(sign, "keygen", cmd_sign_keygen, "Generate an ed25519 keypair for spell signing")
+    p = subcommand(
+        sign, "keygen", cmd_sign_keygen, "Generate an ed25519 keypair for spell signing"
+    )
     p.add_argument("publisher", help="Publisher (id prefix before first slash)")
     p.add_argument("--key-id", default="default", help="Key id (default: default)")
-    p.add_argument("--out-dir", default=".spell-keys", help="Output folder (default: .spell-keys)")
+    p.add_argument(
+        "--out-dir", default=".spell-keys", help="Output folder (default: .spell-keys)"
+    )
     p.add_argument("--force", action="store_true", help="Overwrite existing key files")
-    p = subcommand(sign, "bundle", cmd_sign_bundle, "Create spell.sig.json for a local spell bundle")
-    p.add_argument("local_path", metavar="local-path",
-                   help="Path to local bundle containing spell.yaml")
-    p.add_argument("--private-key", required=True, metavar="file",
-                   help="Ed25519 private key (PKCS#8 PEM)")
+    p = subcommand(
+        sign,
+        "bundle",
+        cmd_sign_bundle,
+        "Create spell.sig.json for a local spell bundle",
+    )
+    p.add_argument(
+        "local_path",
+        metavar="local-path",
+        help="Path to local bundle containing spell.yaml",
+    )
+    p.add_argument(
+        "--private-key",
+        required=True,
+        metavar="file",
+        help="Ed25519 private key (PKCS#8 PEM)",
+    )
     p.add_argument("--key-id", default="default", help="Key id (default: default)")
     p.add_argument("--publisher", help="Publisher (default: the id's prefix)")
 
     _, lic = group("license", "Manage local entitlement tokens for billing")
-    p = subcommand(lic, "add", cmd_license_add, "Add or update a local entitlement token")
+    p = subcommand(
+        lic, "add", cmd_license_add, "Add or update a local entitlement token"
+    )
     p.add_argument("name", help="License label")
     p.add_argument("token", help="Entitlement token")
     subcommand(lic, "list", cmd_license_list, "List local licenses")
@@ -2584,16 +4223,25 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
     p.add_argument("name", help="License label")
 
     _, trust = group("trust", "Manage trusted publisher keys")
-    p = subcommand(trust, "add", cmd_trust_add, "Add or update a trusted publisher public key")
+    p = subcommand(
+        trust, "add", cmd_trust_add, "Add or update a trusted publisher public key"
+    )
     p.add_argument("publisher", help="Publisher (id prefix before first slash)")
-    p.add_argument("public_key", metavar="public-key",
-                   help="ed25519 public key (spki der) as base64url")
+    p.add_argument(
+        "public_key",
+        metavar="public-key",
+        help="ed25519 public key (spki der) as base64url",
+    )
     p.add_argument("--key-id", default="default", help="Key id (default: default)")
     subcommand(trust, "list", cmd_trust_list, "List trusted publishers")
-    p = subcommand(trust, "remove", cmd_trust_remove, "Remove a trusted publisher (all keys)")
+    p = subcommand(
+        trust, "remove", cmd_trust_remove, "Remove a trusted publisher (all keys)"
+    )
     p.add_argument("publisher", help="Publisher (id prefix before first slash)")
 
-    p = command("verify", cmd_verify, "Verify an installed spell's signature without casting")
+    p = command(
+        "verify", cmd_verify, "Verify an installed spell's signature without casting"
+    )
     p.add_argument("id", help="Spell id")
     p.add_argument("--version", help="Specific version")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -2601,18 +4249,26 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
     _, policy = group("policy", "Show or validate the runtime policy")
     subcommand(policy, "show", cmd_policy_show, "Print the policy in force")
     p = subcommand(policy, "validate", cmd_policy_validate, "Validate a policy file")
-    p.add_argument("--file", required=True, metavar="path", help="Policy file to validate")
+    p.add_argument(
+        "--file", required=True, metavar="path", help="Policy file to validate"
+    )
 
     p = command("log", cmd_log, "Show execution log")
-    p.add_argument("execution_id", metavar="execution-id", help="Execution log file name")
+    p.add_argument(
+        "execution_id", metavar="execution-id", help="Execution log file name"
+    )
 
     p = command("api", cmd_api, "Serve the Execution API and the receipts page")
-    p.add_argument("--host", help="Address to bind (default: 127.0.0.1 or SPELL_API_HOST)")
+    p.add_argument(
+        "--host", help="Address to bind (default: 127.0.0.1 or SPELL_API_HOST)"
+    )
     p.add_argument("--port", help="Port (default: 8787 or SPELL_API_PORT)")
-    p.add_argument("--registry", help="Button registry file (default: SPELL_BUTTON_REGISTRY_PATH)")
+    p.add_argument(
+        "--registry", help="Button registry file (default: SPELL_BUTTON_REGISTRY_PATH)"
+    )
 
     p = command("help", None, "display help for command")
-    p.add_argument("topic", nargs="?", metavar="command")
+    p.add_argument("topic", nargs="*", metavar="command")
     p.set_defaults(func=None, help_topic=True)
     return parser
 
@@ -2624,17 +4280,39 @@ def _subparser(parser: argparse.ArgumentParser, name: str):
     return None
 
 
+def _use_utf8(*streams) -> None:
+    """Write UTF-8 as the original does, even under an ASCII locale."""
+    for stream in streams:
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("_", "-")
+        if encoding not in ("utf-8", "utf8") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
     """Run the command line; return the exit status (0 success, 1 failure)."""
+    if stdout is None and stderr is None:
+        _use_utf8(sys.stdout, sys.stderr)
     io = IO(stdout or sys.stdout, stderr or sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(io.stdout)
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            # Name the command concerned, not the top level, in the usage shown.
+            target = getattr(args, "parser", None) or parser
+            target.error(f"unrecognized arguments: {' '.join(extras)}")
         if getattr(args, "help_topic", False):
-            target = _subparser(parser, args.topic) if args.topic else parser
-            if target is None:
-                raise UsageError(f"error: unknown command '{args.topic}'", parser.format_help())
+            target = parser
+            for name in args.topic:  # `spell help trust add` walks the groups
+                target = _subparser(target, name)
+                if target is None:
+                    topic = " ".join(args.topic)
+                    raise UsageError(
+                        f"error: unknown command '{topic}'", parser.format_help()
+                    )
             target.print_help(io.stdout)
             return 0
         func = getattr(args, "func", None)

@@ -27,9 +27,10 @@ Where this differs from spell-runtime 1.2.5 on purpose (see
 
 Known limitations:
 
-- the orphan sweep kills every child of this process that appeared while a
-  step ran and is not another live step; a caller that spawns other children
-  from other threads during a step must not rely on them surviving;
+- the sweep after a step kills every child of this process that is outside
+  this process's session, appeared while the step ran and is not another live
+  step; a caller that starts children in new sessions from other threads
+  during a step must not rely on them surviving;
 - without /proc (not Linux) only the step's process group is killed; a
   descendant that called ``setsid()`` can then survive;
 - redirects follow urllib's rules: a 307/308 answer to a method other than
@@ -41,7 +42,6 @@ from __future__ import annotations
 import codecs
 import errno
 import functools
-import http.client
 import json
 import math
 import os
@@ -54,10 +54,22 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from typing import Any, Callable
+
+__all__ = [
+    "UNDEFINED",
+    "PlanError",
+    "StepError",
+    "dumps_js",
+    "evaluate_checks",
+    "iso_now",
+    "js_string",
+    "main",
+    "render_template",
+    "resolve_output_ref",
+    "run_plan",
+]
 
 # Limits and defaults ##################################################################
 
@@ -103,6 +115,11 @@ REAP_GRACE_S = 2.0
 #: Extra wait for the http worker thread beyond the socket timeout, so a
 #: request that times out in the socket reports its own error first.
 HTTP_JOIN_GRACE_S = 0.05
+
+#: Longest single wait handed to select(), join() or a socket. Timeouts are
+#: plain integers with no upper bound, and the OS calls overflow past a few
+#: weeks; longer waits are made in several rounds.
+MAX_WAIT_S = 86_400.0
 
 #: Linux prctl option that makes this process adopt orphaned descendants
 #: (<linux/prctl.h>).
@@ -213,7 +230,9 @@ def _js_key(key: Any) -> str:
         return key
     if key is None or isinstance(key, (bool, int, float)):
         return js_string(key)
-    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+    raise TypeError(
+        f"keys must be str, int, float, bool or None, not {type(key).__name__}"
+    )
 
 
 def _scalar_json(value: Any) -> str:
@@ -234,7 +253,7 @@ def _scalar_json(value: Any) -> str:
 
 
 def dumps_js(value: Any, *, indent: int | None = None) -> str:
-    """Serialise ``value`` exactly as JavaScript's ``JSON.stringify(value, null, indent)``.
+    """Serialise ``value`` as JavaScript's ``JSON.stringify(value, null, indent)`` does.
 
     Compact without spaces when ``indent`` is None or 0; otherwise one member
     per line, with empty objects and arrays kept as ``{}`` and ``[]``. Numbers
@@ -369,7 +388,7 @@ def _js_equal(left: Any, right: Any) -> bool:
 
 
 def iso_now() -> str:
-    """Current UTC time as ISO-8601 with milliseconds, e.g. ``2026-01-02T03:04:05.678Z``."""
+    """Current UTC time as ISO-8601 with milliseconds: ``2026-01-02T03:04:05.678Z``."""
     now = datetime.now(timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
@@ -385,7 +404,17 @@ def _parse_json_text(text: str) -> Any:
 
 # Templating ###########################################################################
 
-_TOKEN = re.compile(r"\{\{\s*(INPUT|ENV)\.([A-Za-z0-9_.-]+)\s*\}\}")
+#: JavaScript's whitespace (regex ``\\s`` and ``trim``). Python's own set also
+#: holds the control characters 0x1c-0x1f, which JavaScript does not count.
+_JS_SPACE = (
+    "\t\n\v\f\r \u00a0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+_SPACES = "[" + re.escape(_JS_SPACE) + "]*"
+_TOKEN = re.compile(
+    r"\{\{" + _SPACES + r"(INPUT|ENV)\.([A-Za-z0-9_.-]+)" + _SPACES + r"\}\}"
+)
 _ANY_BRACES = re.compile(r"\{\{[^}]+\}\}")
 _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
 #: Stands for an inserted value when looking for leftover ``{{...}}`` text, so
@@ -490,7 +519,7 @@ def _members(container: dict | list) -> Any:
 
 # Output references ####################################################################
 
-_OUTPUT_REF = re.compile(r"step\.([^.]+)\.(stdout|json)(?:\.(.+))?", re.DOTALL)
+_OUTPUT_REF = re.compile(r"step\.([^.]+)\.(stdout|json)(?:\.(.+))?")
 
 
 def resolve_output_ref(ref: str, outputs: dict) -> Any:
@@ -536,14 +565,29 @@ def _become_subreaper() -> bool:
         return False
 
 
-def _child_pids() -> set[int]:
-    """Pids whose parent is this process, read from /proc (empty without /proc)."""
-    me = os.getpid()
-    children: set[int] = set()
+class _ProcInfo:
+    """The fields of /proc/<pid>/stat that the sweep needs."""
+
+    __slots__ = ("pid", "zombie", "ppid", "session")
+
+    def __init__(self, pid: int, zombie: bool, ppid: int, session: int) -> None:
+        self.pid = pid
+        self.zombie = zombie
+        self.ppid = ppid
+        self.session = session
+
+
+def _processes() -> list[_ProcInfo]:
+    """Every process visible in /proc (empty without /proc).
+
+    /proc/<pid>/task/<tid>/children would be cheaper for finding children, but
+    many kernels are built without it.
+    """
+    found: list[_ProcInfo] = []
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return children
+        return found
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -552,42 +596,70 @@ def _child_pids() -> set[int]:
                 raw = handle.read()
         except OSError:
             continue
-        # Fields after the command name, which may itself hold ')' or spaces.
+        # After the command name, which may hold ')' or spaces:
+        # state, ppid, pgrp, session, ...
         fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and fields[1] == str(me).encode():
-            children.add(int(entry))
-    return children
+        if len(fields) > 3:
+            zombie = fields[0] in (b"Z", b"X")
+            found.append(_ProcInfo(int(entry), zombie, int(fields[1]), int(fields[3])))
+    return found
 
 
-def _kill_group(pgid: int) -> None:
-    """SIGKILL a whole process group, ignoring a group that is already gone."""
+def _child_pids() -> set[int]:
+    me = os.getpid()
+    return {info.pid for info in _processes() if info.ppid == me}
+
+
+def _kill(pid: int, group: bool = False) -> None:
+    """SIGKILL a process (or a process group), ignoring one that is already gone."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        if group:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _sweep_orphans(pgid: int, keep: set[int]) -> None:
-    """Kill the step's group and reap every adopted descendant not in ``keep``.
+def _sweep(step_pid: int, keep: set[int], *, leader_reaped: bool = False) -> None:
+    """Kill everything a step started and reap what this process adopted.
 
-    Killing an adopted process hands its own children to this process, so the
-    sweep repeats until a round finds nothing new (bounded by REAP_GRACE_S).
+    The step leads its own session (``start_new_session``), so its descendants
+    are either in that session or, after ``setsid()``, in a newer one; none
+    can join this process's session. Each round kills the step's group, every
+    live process of the step's session, and every adopted child (a child in
+    another session that is not in ``keep`` or a live step), and reaps the
+    adopted ones. Killing a process hands its children to this subreaper, so
+    rounds repeat until the session is empty and nothing is adopted, bounded
+    by REAP_GRACE_S. ``keep`` must hold the step's own pid until Popen has
+    reaped it; once it has (``leader_reaped``), its pid may name an unrelated
+    process, so only adopted children are swept.
     """
     give_up = time.monotonic() + REAP_GRACE_S
+    me = os.getpid()
+    own_session = os.getsid(0)
     while True:
-        _kill_group(pgid)
+        if not leader_reaped:
+            _kill(step_pid, group=True)
         with _LIVE_STEPS_LOCK:
             protected = keep | _LIVE_STEPS
-        strays = _child_pids() - protected
-        if not strays or time.monotonic() > give_up:
+        members: list[int] = []
+        adopted: list[int] = []
+        for info in _processes():
+            if info.ppid == me and info.session != own_session:
+                if info.pid not in protected:
+                    adopted.append(info.pid)
+            elif info.session == step_pid and not info.zombie and not leader_reaped:
+                members.append(info.pid)
+        if (not members and not adopted) or time.monotonic() > give_up:
             return
-        for pid in strays:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in strays:
+        for pid in members + adopted:
+            _kill(pid)
+        for pid in adopted:
             _reap(pid, give_up)
+        if not adopted:
+            # Killed members die asynchronously; their children are adopted then.
+            time.sleep(0.002)
 
 
 def _reap(pid: int, give_up: float) -> None:
@@ -616,7 +688,9 @@ def _has_exited(proc: subprocess.Popen) -> bool:
 class _CappedBuffer:
     """Keeps the first and last bytes of a stream and counts what it dropped."""
 
-    def __init__(self, head_bytes: int = OUTPUT_HEAD_BYTES, tail_bytes: int = OUTPUT_TAIL_BYTES):
+    def __init__(
+        self, head_bytes: int = OUTPUT_HEAD_BYTES, tail_bytes: int = OUTPUT_TAIL_BYTES
+    ):
         self.head_limit = head_bytes
         self.tail_limit = tail_bytes
         self.head = bytearray()
@@ -657,7 +731,11 @@ class _ProcessResult:
 
 
 def _spawn(path: str, cwd: str, env: dict[str, str]) -> subprocess.Popen:
-    """Start ``path`` with no arguments in a new session; shebang-less scripts run via /bin/sh."""
+    """Start ``path`` without arguments in a session of its own.
+
+    An executable without a shebang fails with ENOEXEC; like execvp (and the
+    original under Node), run it as a /bin/sh script then.
+    """
     options: dict[str, Any] = dict(
         cwd=cwd,
         env=env,
@@ -672,7 +750,6 @@ def _spawn(path: str, cwd: str, env: dict[str, str]) -> subprocess.Popen:
     except OSError as exc:
         if exc.errno != errno.ENOEXEC:
             raise
-    # Like execvp (and Node), treat an executable without a shebang as a script.
     return subprocess.Popen(["/bin/sh", path], **options)
 
 
@@ -696,8 +773,10 @@ def _run_process(
         _LIVE_STEPS.add(proc.pid)
     end = started + timeout_s
     selector = selectors.DefaultSelector()
-    buffers = {proc.stdout.fileno(): ("stdout", result.stdout),
-               proc.stderr.fileno(): ("stderr", result.stderr)}
+    buffers = {
+        proc.stdout.fileno(): ("stdout", result.stdout),
+        proc.stderr.fileno(): ("stderr", result.stderr),
+    }
     pidfd = None
     try:
         for fd in buffers:
@@ -712,13 +791,13 @@ def _run_process(
             if left <= 0:
                 result.timed_out = True
                 break
-            wait = left if pidfd is not None else min(left, EXIT_POLL_S)
+            wait = min(left, MAX_WAIT_S if pidfd is not None else EXIT_POLL_S)
             for key, _ in selector.select(wait):
                 if key.fd in buffers:
                     _read_pipe(key.fd, buffers, selector, on_output)
         # Kill what is left before reaping the leader, so the group id cannot
         # be reused by an unrelated process in between.
-        _sweep_orphans(proc.pid, before | {proc.pid})
+        _sweep(proc.pid, before | {proc.pid})
         try:
             proc.wait(timeout=REAP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -743,12 +822,12 @@ def _run_process(
         with _LIVE_STEPS_LOCK:
             _LIVE_STEPS.discard(proc.pid)
         if proc.returncode is None:
-            _kill_group(proc.pid)
+            _kill(proc.pid, group=True)
             proc.kill()
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-        _sweep_orphans(proc.pid, before)
+        _sweep(proc.pid, before, leader_reaped=True)
     return result
 
 
@@ -790,9 +869,13 @@ class _Context:
         self.env: dict[str, str] = dict(plan.get("env") or {})
         if plan.get("input_path"):
             self.env["INPUT_JSON"] = plan["input_path"]
-        self.step_timeout_ms: int = plan.get("step_timeout_ms") or DEFAULT_STEP_TIMEOUT_MS
+        self.step_timeout_ms: int = (
+            plan.get("step_timeout_ms") or DEFAULT_STEP_TIMEOUT_MS
+        )
         self.execution_timeout_ms: int | None = plan.get("execution_timeout_ms") or None
-        self.http_timeout_ms: int = plan.get("http_timeout_ms") or DEFAULT_HTTP_TIMEOUT_MS
+        self.http_timeout_ms: int = (
+            plan.get("http_timeout_ms") or DEFAULT_HTTP_TIMEOUT_MS
+        )
         self.workdir_copy_to: str | None = plan.get("workdir_copy_to") or None
         self.on_event = on_event
 
@@ -863,7 +946,9 @@ def _check_plan(plan: Any) -> None:
             raise PlanError("plan.env must map strings to strings")
     for index, step in enumerate(plan.get("steps") or []):
         fields = ("name", "uses", "run")
-        if not isinstance(step, dict) or not all(isinstance(step.get(f), str) for f in fields):
+        if not isinstance(step, dict) or not all(
+            isinstance(step.get(f), str) for f in fields
+        ):
             raise PlanError(f"plan.steps[{index}] must have string name, uses and run")
     for index, check in enumerate(plan.get("checks") or []):
         if not isinstance(check, dict) or not isinstance(check.get("type"), str):
@@ -877,7 +962,7 @@ def _head(text: str) -> str:
 
 
 def _output_listener(ctx: _Context, name: str) -> Callable[[str, bytes], None] | None:
-    """Turn raw pipe chunks into ``output`` events, decoding each stream incrementally."""
+    """Turn raw pipe chunks into ``output`` events, decoding each stream as it comes."""
     if ctx.on_event is None:
         return None
     decoders = {
@@ -894,7 +979,7 @@ def _output_listener(ctx: _Context, name: str) -> Callable[[str, bytes], None] |
 
 
 def _shell_step(step: dict, ctx: _Context) -> _Outcome:
-    """Run ``bundle_dir/run`` with the step timeout, capped by the execution deadline."""
+    """Run ``bundle_dir/run`` under the step timeout, capped by the deadline."""
     name = step["name"]
     limit_ms: int = ctx.step_timeout_ms
     capped = False
@@ -932,7 +1017,12 @@ def _shell_step(step: dict, ctx: _Context) -> _Outcome:
 
 
 def _shell_record(
-    step: dict, started_at: str, code: int | None, stdout: str, stderr: str, message: str
+    step: dict,
+    started_at: str,
+    code: int | None,
+    stdout: str,
+    stderr: str,
+    message: str,
 ) -> dict:
     return {
         "stepName": step["name"],
@@ -964,6 +1054,10 @@ class _HttpTimeout(Exception):
 
 def _opener() -> urllib.request.OpenerDirector:
     """An opener for http and https only, without proxies (fetch ignores them too)."""
+    # Imported here: urllib.request pulls in http.client and email, ~20 ms that
+    # every `spell --help` would otherwise pay.
+    import urllib.request
+
     opener = urllib.request.OpenerDirector()
     handlers: list[Any] = [
         urllib.request.HTTPHandler,
@@ -981,7 +1075,11 @@ def _opener() -> urllib.request.OpenerDirector:
 
 def _reason(exc: BaseException) -> str:
     """Short text of a client error: the OS's strerror where there is one."""
-    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+    import urllib.error
+
+    if isinstance(exc, urllib.error.URLError) and not isinstance(
+        exc, urllib.error.HTTPError
+    ):
         inner = exc.reason
         if isinstance(inner, BaseException):
             return _reason(inner)
@@ -1006,13 +1104,29 @@ def _read_capped(stream: Any, limit: int) -> bytes:
 
 
 def _exchange_blocking(
-    method: str, url: str, headers: dict, data: bytes | None, timeout_s: float, read_body: bool
+    method: str,
+    url: str,
+    headers: dict,
+    data: bytes | None,
+    timeout_s: float,
+    read_body: bool,
 ) -> tuple[int, bytes]:
+    """One request in the calling thread; see ``_exchange`` for the contract."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
     try:
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            with _opener().open(request, timeout=timeout_s) as response:
-                body = _read_capped(response, HTTP_RESPONSE_MAX_BYTES) if read_body else b""
+            with _opener().open(
+                request, timeout=min(timeout_s, MAX_WAIT_S)
+            ) as response:
+                body = (
+                    _read_capped(response, HTTP_RESPONSE_MAX_BYTES)
+                    if read_body
+                    else b""
+                )
                 return response.status, body
         except urllib.error.HTTPError as answer:
             # 4xx and 5xx are answers, not failures.
@@ -1052,13 +1166,17 @@ def _exchange(
 
     def work() -> None:
         try:
-            box["value"] = _exchange_blocking(method, url, headers, data, timeout_s, read_body)
+            box["value"] = _exchange_blocking(
+                method, url, headers, data, timeout_s, read_body
+            )
         except BaseException as exc:  # handed to the waiting thread
             box["error"] = exc
 
     worker = threading.Thread(target=work, name="spell-http", daemon=True)
     worker.start()
-    worker.join(timeout_s + HTTP_JOIN_GRACE_S)
+    give_up = time.monotonic() + timeout_s + HTTP_JOIN_GRACE_S
+    while worker.is_alive() and time.monotonic() < give_up:
+        worker.join(min(give_up - time.monotonic(), MAX_WAIT_S))
     if worker.is_alive():
         raise _HttpTimeout()
     if "error" in box:
@@ -1108,17 +1226,23 @@ def _read_step_file(path: str, name: str) -> bytes:
     try:
         return _read_regular_file(path, HTTP_STEP_FILE_MAX_BYTES)
     except OSError as exc:
-        raise StepError(f"failed to read http step '{name}': {exc.strerror}: {path}") from exc
+        raise StepError(
+            f"failed to read http step '{name}': {exc.strerror}: {path}"
+        ) from exc
     except _NotRegularFile:
-        raise StepError(f"http step '{name}' file is not a regular file: {path}") from None
+        raise StepError(
+            f"http step '{name}' file is not a regular file: {path}"
+        ) from None
     except _FileTooLarge:
         limit = HTTP_STEP_FILE_MAX_BYTES
-        raise StepError(f"http step '{name}' file exceeds {limit} bytes: {path}") from None
+        raise StepError(
+            f"http step '{name}' file exceeds {limit} bytes: {path}"
+        ) from None
 
 
 def _blank(value: Any) -> bool:
     """True unless ``value`` is a string with non-whitespace text."""
-    return not isinstance(value, str) or not value.strip()
+    return not isinstance(value, str) or not value.strip(_JS_SPACE)
 
 
 def _load_http_definition(path: str, name: str) -> dict:
@@ -1141,7 +1265,9 @@ def _prepare_request(
     definition: dict, name: str, ctx: _Context
 ) -> tuple[str, str, dict[str, str], bytes | None]:
     """Template an http step definition into (method, url, headers, body bytes)."""
-    method = js_string(render_template(definition["method"], ctx.input, ctx.env)).upper()
+    method = js_string(
+        render_template(definition["method"], ctx.input, ctx.env)
+    ).upper()
     url = render_template(definition["url"], ctx.input, ctx.env)
     if not isinstance(url, str):
         raise StepError(f"http step '{name}' url must resolve to string")
@@ -1157,7 +1283,7 @@ def _prepare_request(
     if "body" in definition:
         body = render_template(definition["body"], ctx.input, ctx.env)
         if isinstance(body, str):
-            data = body.encode("utf-8", errors="surrogatepass")
+            data = body.encode("utf-8", errors="backslashreplace")
             # What fetch sends for a string body; urllib's own default would be
             # a form encoding the body is not.
             headers.setdefault("content-type", "text/plain;charset=UTF-8")
@@ -1187,7 +1313,9 @@ def _http_step(step: dict, ctx: _Context) -> _Outcome:
     name = step["name"]
     started_at = iso_now()
     try:
-        definition = _load_http_definition(os.path.join(ctx.bundle_dir, step["run"]), name)
+        definition = _load_http_definition(
+            os.path.join(ctx.bundle_dir, step["run"]), name
+        )
         method, url, headers, data = _prepare_request(definition, name, ctx)
         bound_ms: float = ctx.http_timeout_ms
         remaining = ctx.remaining_ms()
@@ -1202,9 +1330,13 @@ def _http_step(step: dict, ctx: _Context) -> _Outcome:
             reason = f"timed out after {ctx.http_timeout_ms}ms"
             raise StepError(f"http step '{name}' request failed: {reason}") from None
         except _HttpFailure as exc:
-            raise StepError(f"http step '{name}' request failed: {exc.reason}") from None
+            raise StepError(
+                f"http step '{name}' request failed: {exc.reason}"
+            ) from None
     except StepError as exc:
-        return _Outcome(_http_record(name, started_at, False, exc.message), None, exc.message)
+        return _Outcome(
+            _http_record(name, started_at, False, exc.message), None, exc.message
+        )
     message = f"http {method} {url} -> {status}"
     record = _http_record(name, started_at, True, message)
     return _Outcome(record, (f"step.{name}.json", _decode_body(body)), None)
@@ -1261,14 +1393,20 @@ def _check_http_status(params: dict, outputs: dict, http_timeout_s: float) -> di
     ref = _optional_string(params, "url_from_output")
     if url is None:
         if ref is None:
-            raise StepError("http_status check needs params.url or params.url_from_output")
+            raise StepError(
+                "http_status check needs params.url or params.url_from_output"
+            )
         url = resolve_output_ref(ref, outputs)
         if not isinstance(url, str):
-            raise StepError(f"http_status url_from_output must resolve to string: {ref}")
+            raise StepError(
+                f"http_status url_from_output must resolve to string: {ref}"
+            )
     try:
         status, _ = _exchange("GET", url, {}, None, http_timeout_s, read_body=False)
     except _HttpTimeout:
-        raise StepError(f"timed out after {_js_number(http_timeout_s * 1000)}ms") from None
+        raise StepError(
+            f"timed out after {_js_number(http_timeout_s * 1000)}ms"
+        ) from None
     except _HttpFailure as exc:
         # The client's text alone, without a prefix, as the original reports it.
         raise StepError(exc.reason) from None
@@ -1285,9 +1423,8 @@ def _check_jsonpath_equals(params: dict, outputs: dict) -> dict:
     expected = params.get("expected", UNDEFINED)
     if _js_equal(expected, actual):
         return _check_result("jsonpath_equals", True, f"jsonpath matched: {path}")
-    message = (
-        f"jsonpath mismatch at {path}: expected {js_string(expected)}, got {js_string(actual)}"
-    )
+    want, got = js_string(expected), js_string(actual)
+    message = f"jsonpath mismatch at {path}: expected {want}, got {got}"
     return _check_result("jsonpath_equals", False, message)
 
 
@@ -1295,7 +1432,9 @@ def _check_result(kind: str, success: bool, message: str) -> dict:
     return {"type": kind, "success": success, "message": message}
 
 
-def _evaluate_check(check: dict, outputs: dict, base_dir: str, http_timeout_s: float) -> dict:
+def _evaluate_check(
+    check: dict, outputs: dict, base_dir: str, http_timeout_s: float
+) -> dict:
     """Evaluate one check into ``{type, success, message}``; StepError if it throws."""
     kind = check.get("type")
     params = check.get("params")
@@ -1336,17 +1475,21 @@ def evaluate_checks(
 
 
 def _copy_file(source: str, target: str) -> None:
-    """Copy one regular file (never through a symlink), keeping its permission bits."""
+    """Copy one regular file (never through a symlink), keeping its permission bits.
+
+    Raises OSError or _NotRegularFile.
+    """
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(source, flags)
+    fd = os.open(source, flags | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise StepError(f"unsupported file type in steps/: {source}")
+            raise _NotRegularFile(source)
         out_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
         out = os.open(target, out_flags, 0o600)
         with os.fdopen(os.dup(fd), "rb") as reader, os.fdopen(out, "wb") as writer:
             shutil.copyfileobj(reader, writer)
+        # Permission bits only: set-id bits have no business in a working copy.
         os.chmod(target, stat.S_IMODE(info.st_mode) & 0o777)
     finally:
         os.close(fd)
@@ -1370,7 +1513,12 @@ def _copy_steps(source: str, target: str) -> None:
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((entry.path, dst))
                 elif entry.is_file(follow_symlinks=False):
-                    _copy_file(entry.path, dst)
+                    try:
+                        _copy_file(entry.path, dst)
+                    except _NotRegularFile:  # replaced since the scan
+                        raise StepError(
+                            f"unsupported file type in steps/: {entry.path}"
+                        ) from None
                 else:
                     raise StepError(f"unsupported file type in steps/: {entry.path}")
     # Directory modes last, so a read-only directory does not stop its own copy.
@@ -1386,7 +1534,9 @@ def _copy_bundle(source: str, target: str) -> str:
     """
     try:
         os.makedirs(target, mode=0o700, exist_ok=True)
-        _copy_file(os.path.join(source, "spell.yaml"), os.path.join(target, "spell.yaml"))
+        _copy_file(
+            os.path.join(source, "spell.yaml"), os.path.join(target, "spell.yaml")
+        )
         schema = os.path.join(source, "schema.json")
         if os.path.lexists(schema):
             _copy_file(schema, os.path.join(target, "schema.json"))
@@ -1394,6 +1544,8 @@ def _copy_bundle(source: str, target: str) -> str:
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         raise StepError(f"failed to copy bundle: {exc.strerror or exc}{where}") from exc
+    except _NotRegularFile as exc:
+        raise StepError(f"failed to copy bundle: not a regular file: {exc}") from None
     return target
 
 
@@ -1464,7 +1616,9 @@ def run_plan(plan: dict, *, on_event: Callable[[dict], None] | None = None) -> d
                 raise StepError(outcome.error)
         http_timeout_s = ctx.http_timeout_ms / 1000
         for check in ctx.checks:
-            checks.append(_evaluate_check(check, outputs, ctx.bundle_dir, http_timeout_s))
+            checks.append(
+                _evaluate_check(check, outputs, ctx.bundle_dir, http_timeout_s)
+            )
         failed = next((check for check in checks if not check["success"]), None)
         if failed is not None:
             raise StepError(f"check failed: {failed['message']}")
@@ -1525,7 +1679,7 @@ def _read_plan(path: str) -> dict:
 
 def _write_line(stream: Any, text: str) -> None:
     """Write one UTF-8 line whatever the locale, and flush it."""
-    data = (text + "\n").encode("utf-8", errors="surrogatepass")
+    data = (text + "\n").encode("utf-8", errors="backslashreplace")
     target = getattr(stream, "buffer", None)
     if target is not None:
         stream.flush()
@@ -1561,7 +1715,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_plan(plan)
         env = dict(os.environ)
         env.update(plan.get("env") or {})
-        result = run_plan(dict(plan, env=env), on_event=_print_event if events else None)
+        result = run_plan(
+            dict(plan, env=env), on_event=_print_event if events else None
+        )
     except PlanError as exc:
         _write_line(sys.stderr, _one_line(f"spell-runner: {exc}"))
         return 1

@@ -28,7 +28,13 @@
 #   the bridge reaches this machine (the gateway address) and other containers,
 #   and nothing beyond. A test that serves a container should bind its server
 #   to the gateway address, which `env`/`status` do not print but
-#   `docker network inspect bridge` shows.
+#   `docker network inspect bridge` (or images.bridge_gateway()) shows.
+#   Because forwarding is off, `docker run` on the bridge prints
+#   "WARNING: IPv4 forwarding is disabled. Networking will not work." on
+#   stderr; that is expected (it only means: no route beyond this machine).
+# * A dockerd killed with SIGKILL (say, at the end of a session) leaves a
+#   stale pid file, socket and netns mounts; `start` clears them and the new
+#   daemon removes the dead containers itself.
 # * The Docker Hub is unreachable: images come from tests/support/images.py.
 # * Debian's postinst does not start a system dockerd here (policy-rc.d says
 #   101), and we never touch /var/run/docker.sock.
@@ -61,9 +67,20 @@ private_pid() {  # print the pid of our dockerd if it is alive
     pid=$(cat "$PIDFILE" 2>/dev/null) || return 1
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     # Make sure the pid is still our dockerd and not a reused number.
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null \
+    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" \
         | grep -q -- "dockerd .*--data-root $DIR/data" || return 1
     echo "$pid"
+}
+
+clear_stale_state() {  # after a daemon died without cleaning up
+    # A killed dockerd leaves network namespace and overlay mounts behind;
+    # unmount them (deepest first) so its runtime folder can be removed. The
+    # next dockerd cleans up its data root by itself.
+    local mnt
+    awk -v dir="$DIR/exec/" 'index($2, dir) == 1 { print $2 }' /proc/self/mounts \
+        | sort -r | while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
+    rm -rf "$DIR/exec" 2>/dev/null || true
+    rm -f "$SOCK" "$PIDFILE"
 }
 
 current_engine() {  # print DOCKER_HOST=... of an engine that answers
@@ -97,8 +114,7 @@ install_docker() {
 
 launch() {  # launch STORAGE_DRIVER EXTRA_ARGS...: start dockerd, wait for it
     local driver=$1; shift
-    rm -rf "$DIR/exec"
-    rm -f "$SOCK" "$PIDFILE"
+    clear_stale_state
     mkdir -p "$DIR/data" "$DIR/exec"
     say "starting dockerd (storage driver $driver${*:+, $*})"
     {

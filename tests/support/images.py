@@ -12,8 +12,8 @@ precompiled standard library); and ``docker import`` turns the folder into
 The runner image ``spell-runner-test:<hash>`` is that base plus a given
 ``spell_runner.pyz``, installed as ``/usr/local/lib/spell_runner.pyz`` with a
 ``/usr/local/bin/spell-runner`` shell wrapper (so the zipapp's own shebang
-does not matter). It is also tagged ``spell-runner-test:latest``, the image
-that ``fixtures/spells/docker`` names.
+does not matter). The command line also tags it ``spell-runner-test:latest``,
+the image that ``fixtures/spells/docker`` names.
 
 Both tags are content hashes of their inputs (package versions and
 checksums, the recipe, the pyz bytes), and an image whose tag already exists
@@ -30,7 +30,8 @@ Used by the tests (``require_engine()``, ``ensure_base_image()``,
 
     python3 tests/support/images.py [--pyz dist/spell_runner.pyz] [--base]
 
-which prints the tag. Standard library only.
+which prints the tag. Standard library only; building needs root (chroot,
+chown) and apt.
 """
 
 import argparse
@@ -446,10 +447,12 @@ def runner_image_tag(base: str, pyz: bytes) -> str:
     return f"{RUNNER_REPO}:{digest.hexdigest()[:16]}"
 
 
-def ensure_runner_image(pyz_path, *, latest: bool = True) -> str:
+def ensure_runner_image(pyz_path, *, latest: bool = False) -> str:
     """Return the tag of base + *pyz_path*, building it first if needed.
 
-    With *latest*, ``spell-runner-test:latest`` is pointed at it too.
+    With *latest*, ``spell-runner-test:latest`` is pointed at it too; the
+    command line does that for the real runner, tests should not (another
+    test may be using ``latest``).
     """
     pyz_path = Path(pyz_path)
     if not pyz_path.is_file():
@@ -506,7 +509,10 @@ def main(argv=None) -> int:
             return 1
         pyz = default
     try:
-        tag = ensure_base_image() if args.base else ensure_runner_image(pyz)
+        if args.base:
+            tag = ensure_base_image()
+        else:
+            tag = ensure_runner_image(pyz, latest=True)
     except ImageError as exc:
         print(f"images.py: error: {exc}", file=sys.stderr)
         return 1
