@@ -66,33 +66,69 @@ LIMITS = {
 
 
 @pytest.mark.parametrize("name", sorted(LIMITS))
-@pytest.mark.parametrize(
-    "value", ["1.5", "abc", "12abc", "Infinity", "-1", "0x", "1_0"]
-)
-def test_invalid_limits_fail_before_anything(spell_cli, name, value):
+def test_invalid_limits_fail_before_anything(spell_cli, name):
     # The spell is not even installed: limits are checked first.
-    fails(spell_cli("cast", "nope/x", **{name: value}), LIMITS[name])
+    fails(spell_cli("cast", "nope/x", **{name: "12abc"}), LIMITS[name])
 
 
-def test_zero_is_refused_where_the_minimum_is_one(spell_cli):
-    for name in ("SPELL_RUNTIME_INPUT_MAX_BYTES", "SPELL_RUNTIME_STEP_TIMEOUT_MS"):
-        fails(spell_cli("cast", "nope/x", **{name: "0"}), LIMITS[name])
-    # 0 disables the execution timeout.
-    fails(
-        spell_cli("cast", "nope/x", SPELL_RUNTIME_EXECUTION_TIMEOUT_MS="0"),
-        "spell not installed: nope/x",
-    )
+@pytest.mark.parametrize("name", sorted(LIMITS))
+@pytest.mark.parametrize(
+    "value", ["1.5", "abc", "12abc", "Infinity", "-1", "0x", "1_0", "\u0661\u0662"]
+)
+def test_limits_refuse_what_javascript_refuses(name, value):
+    import spell
+
+    with pytest.raises(spell.SpellError) as caught:
+        spell.runtime_limits({name: value})
+    assert caught.value.message == LIMITS[name]
 
 
 @pytest.mark.parametrize(
-    "value", [" 12 ", "+5", "12.0", "1e3", "0x10", "0b11", "0o7", ""]
+    "value, number",
+    [
+        (" 12 ", 12),
+        ("+5", 5),
+        ("12.0", 12),
+        ("1e3", 1000),
+        ("0x10", 16),
+        ("0b11", 3),
+        ("0o7", 7),
+        ("\u00a012\n", 12),
+    ],
 )
-def test_limits_read_as_javascript_numbers(spell_cli, install, value):
+def test_limits_read_as_javascript_numbers(value, number):
+    import spell
+
+    limits = spell.runtime_limits({name: value for name in LIMITS})
+    assert limits == {
+        "input_max_bytes": number,
+        "step_timeout_ms": number,
+        "execution_timeout_ms": number,
+    }
+
+
+def test_limit_defaults_and_zero():
+    import spell
+
+    defaults = {
+        "input_max_bytes": 65536,
+        "step_timeout_ms": 60000,
+        "execution_timeout_ms": None,
+    }
+    assert spell.runtime_limits({}) == defaults
+    assert spell.runtime_limits({name: "  " for name in LIMITS}) == defaults
+    # 0 disables the execution timeout; it is below the minimum of the others.
+    assert spell.runtime_limits({"SPELL_RUNTIME_EXECUTION_TIMEOUT_MS": "0"}) == defaults
+    for name in ("SPELL_RUNTIME_INPUT_MAX_BYTES", "SPELL_RUNTIME_STEP_TIMEOUT_MS"):
+        with pytest.raises(spell.SpellError):
+            spell.runtime_limits({name: "0"})
+
+
+def test_limits_in_javascript_forms_through_the_cli(spell_cli, install):
     install(SPELLS / "fail")
-    env = {name: value for name in LIMITS}
-    # Dry run of a spell without input: {} is 2 bytes, under every value here.
-    proc = spell_cli("cast", "fixtures/fail", "--allow-unsigned", "--dry-run", **env)
-    succeeds(proc)
+    env = {name: " 0x10 " for name in LIMITS}
+    # Dry run of a spell without input: {} is 2 bytes, under 16.
+    succeeds(spell_cli("cast", "fixtures/fail", "--allow-unsigned", "--dry-run", **env))
 
 
 def test_step_timeout_is_checked_before_the_summary(spell_cli, install):
