@@ -3592,6 +3592,14 @@ def cast(opts: dict, io) -> dict:
         code = exc.error_code if isinstance(exc, SpellError) else "EXECUTION_FAILED"
     except KeyboardInterrupt:
         message, code = "cast interrupted", "INTERRUPTED"
+    except Exception as exc:  # a bug: keep the attempt's log, then let main() report it
+        log["finished_at"] = iso_now()
+        log["error"] = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            write_log(log, secret_values(env, log.get("input")))
+        except OSError:
+            pass
+        raise
     finally:
         restore()
     secrets_list = secret_values(env, log.get("input"))

@@ -789,3 +789,55 @@ def test_schemas_outside_the_fast_path_go_to_jsonschema(schema):
     import spell
 
     assert not spell._fast_schema(schema, True)
+
+
+def test_sigterm_stops_the_cast_and_its_steps(install, store, pyz, tmp_path):
+    install(
+        make_bundle(
+            tmp_path / "b", "fixtures/term", {"spawn": ("shell", ESCAPING_STEP)}
+        )
+    )
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(pyz.spell), "cast", "fixtures/term", "--allow-unsigned"],
+        env=clean_env(PIDS_DIR=str(pids_dir)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: len(list(pids_dir.iterdir())) == 3, timeout=20)
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert err == "cast interrupted\n"
+    assert "execution_id:" not in out
+    for path in pids_dir.iterdir():
+        pid = int(path.read_text())
+        wait_for(lambda pid=pid: not pid_alive(pid), timeout=3)
+    assert latest_log(store)["error"] == "cast interrupted"
+
+
+def test_an_internal_error_still_leaves_a_log(run_cli, store, monkeypatch):
+    import spell
+
+    assert run_cli("install", SPELLS / "hello-host")[0] == 0
+
+    def broken(plan, on_event=None):
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(spell.spell_runner, "run_plan", broken)
+    code, out, err = run_cli(
+        "cast", "fixtures/hello-host", "--allow-unsigned", "-p", "name=x"
+    )
+    assert code == 1
+    assert err == "internal error: RuntimeError: engine exploded\n"
+    log = latest_log(store)
+    assert log["success"] is False
+    assert log["error"] == "internal error: RuntimeError: engine exploded"

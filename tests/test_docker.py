@@ -537,3 +537,20 @@ def test_missing_image(engine, spell_cli, install, tmp_path):
     assert proc.stderr == (
         f"docker image not found: {image} (build it locally; " f"see docs/docker.md)\n"
     )
+
+
+def test_sigterm_removes_the_container(
+    engine, runner_image, pyz, install, store, tmp_path
+):
+    install(docker_bundle(tmp_path / "b", runner_image, "#!/bin/sh\nsleep 30\n"))
+    proc = start_cast(pyz, cast_env(engine), "dk/spell", "--allow-unsigned")
+    try:
+        wait_for(lambda: containers_of(engine, store), timeout=30)
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err) == (1, "cast interrupted\n")
+    wait_for(lambda: containers_of(engine, store) == [], timeout=10)
