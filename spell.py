@@ -3111,6 +3111,159 @@ def _count_additional(error) -> int:
                if key not in properties and not any(re.search(p, key) for p in patterns))
 
 
+# The common subset, checked without jsonschema ---------------------------------
+#
+# Importing jsonschema costs more than the rest of a cast's start-up together,
+# and most input schemas use a handful of keywords. A schema made only of
+# those (and well formed) is checked here, with jsonschema's semantics, error
+# order and paths; anything else goes to jsonschema. tests/test_cast.py
+# compares the two on random schemas.
+
+_FAST_DIALECTS = ("https://json-schema.org/draft/2020-12/schema", *_DRAFT7_IDS)
+_FAST_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+_FAST_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">",
+                "exclusiveMaximum": "<"}
+_FAST_COUNTS = {"minLength": ("string", "fewer", "characters"),
+                "maxLength": ("string", "more", "characters"),
+                "minItems": ("array", "fewer", "items"), "maxItems": ("array", "more", "items"),
+                "minProperties": ("object", "fewer", "properties"),
+                "maxProperties": ("object", "more", "properties")}
+_FAST_TEXT = ("title", "description", "$comment", "format")
+_FAST_FLAGS = ("readOnly", "writeOnly", "deprecated")
+
+
+def _is_type(value, kind: str) -> bool:
+    """jsonschema's type test (booleans are not numbers; 1.0 is an integer)."""
+    if kind in ("number", "integer"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return kind == "number" or isinstance(value, int) or value.is_integer()
+    return {"string": str, "object": dict, "array": list, "boolean": bool,
+            "null": type(None)}[kind] is type(value)
+
+
+def _json_equal(one, two) -> bool:
+    """Equality as JSON Schema means it: ``true`` is not ``1``, ``1`` is ``1.0``."""
+    if isinstance(one, str) or isinstance(two, str):
+        return one == two
+    if isinstance(one, list) and isinstance(two, list):
+        return len(one) == len(two) and all(map(_json_equal, one, two))
+    if isinstance(one, dict) and isinstance(two, dict):
+        return one.keys() == two.keys() and all(_json_equal(one[k], two[k]) for k in one)
+    if isinstance(one, bool) or isinstance(two, bool):
+        return type(one) is type(two) and one == two
+    return type(one) not in (list, dict) and type(two) not in (list, dict) and one == two
+
+
+def _fast_schema(schema, root: bool) -> bool:
+    """True when ``schema`` is a well-formed schema of the common subset."""
+    if not isinstance(schema, dict):
+        return False
+    for key, value in schema.items():
+        if key == "$schema":
+            if not root or not isinstance(value, str) or value.rstrip("#") not in [
+                    d.rstrip("#") for d in _FAST_DIALECTS]:
+                return False
+        elif key in _FAST_TEXT:
+            if not isinstance(value, str):
+                return False
+        elif key in _FAST_FLAGS:
+            if not isinstance(value, bool):
+                return False
+        elif key == "examples":
+            if not isinstance(value, list):
+                return False
+        elif key in ("default", "const"):
+            pass
+        elif key == "type":
+            kinds = value if isinstance(value, list) else [value]
+            if not kinds or any(k not in _FAST_TYPES for k in kinds) \
+                    or len(set(kinds)) != len(kinds):
+                return False
+        elif key == "required":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value) \
+                    or len(set(value)) != len(value):
+                return False
+        elif key == "enum":
+            if not isinstance(value, list):
+                return False
+        elif key in _FAST_BOUNDS:
+            if not _is_type(value, "number"):
+                return False
+        elif key in _FAST_COUNTS:
+            if not _is_type(value, "integer") or value < 0:
+                return False
+        elif key == "pattern":
+            try:
+                re.compile(value)
+            except (re.error, TypeError):
+                return False
+        elif key == "properties":
+            if not isinstance(value, dict) or not all(_fast_schema(v, False)
+                                                      for v in value.values()):
+                return False
+        elif key == "additionalProperties":
+            if not isinstance(value, bool) and not _fast_schema(value, False):
+                return False
+        elif key == "items":
+            if not _fast_schema(value, False):
+                return False
+        else:
+            return False
+    return True
+
+
+def _fast_errors(schema: dict, value, path: tuple = ()) -> list[str]:
+    """Errors of ``value`` against a ``_fast_schema`` schema, as jsonschema orders them."""
+    errors: list[str] = []
+    where = _pointer(path)
+    is_object, is_array = isinstance(value, dict), isinstance(value, list)
+    for key, rule in schema.items():
+        if key == "type":
+            kinds = rule if isinstance(rule, list) else [rule]
+            if not any(_is_type(value, k) for k in kinds):
+                errors.append(f"{where} must be {','.join(kinds)}")
+        elif key == "required" and is_object:
+            errors += [f"{where} must have required property '{name}'"
+                       for name in rule if name not in value]
+        elif key == "properties" and is_object:
+            for name, sub in rule.items():
+                if name in value:
+                    errors += _fast_errors(sub, value[name], path + (name,))
+        elif key == "additionalProperties" and is_object:
+            known = schema.get("properties", {})
+            extras = [name for name in value if name not in known]
+            if isinstance(rule, dict):
+                for name in extras:
+                    errors += _fast_errors(rule, value[name], path + (name,))
+            elif rule is False:
+                errors += [f"{where} must NOT have additional properties"] * len(extras)
+        elif key == "items" and is_array:
+            for index, item in enumerate(value):
+                errors += _fast_errors(rule, item, path + (index,))
+        elif key == "enum":
+            if not any(_json_equal(value, option) for option in rule):
+                errors.append(f"{where} must be equal to one of the allowed values")
+        elif key == "const":
+            if not _json_equal(value, rule):
+                errors.append(f"{where} must be equal to constant")
+        elif key in _FAST_BOUNDS and _is_type(value, "number"):
+            failed = {"minimum": value < rule, "maximum": value > rule,
+                      "exclusiveMinimum": value <= rule, "exclusiveMaximum": value >= rule}[key]
+            if failed:
+                errors.append(f"{where} must be {_FAST_BOUNDS[key]} {js_number(rule)}")
+        elif key in _FAST_COUNTS:
+            kind, word, unit = _FAST_COUNTS[key]
+            if _is_type(value, kind):
+                too_few = key.startswith("min")
+                if (len(value) < rule) if too_few else (len(value) > rule):
+                    errors.append(f"{where} must NOT have {word} than {js_number(rule)} {unit}")
+        elif key == "pattern" and isinstance(value, str):
+            if not re.search(rule, value):
+                errors.append(f'{where} must match pattern "{rule}"')
+    return errors
+
+
 def _schema_validator(schema: dict):
     jsonschema = require("jsonschema", "jsonschema")
     referencing = require("referencing", "jsonschema")
@@ -3134,6 +3287,8 @@ def _schema_validator(schema: dict):
 
 
 def _schema_errors(schema: dict, value) -> list[str]:
+    if _fast_schema(schema, True):
+        return _fast_errors(schema, value)
     validator = _schema_validator(schema)
     try:
         return [f"{_pointer(e.absolute_path)} {message}"
@@ -3437,6 +3592,14 @@ def cast(opts: dict, io) -> dict:
         code = exc.error_code if isinstance(exc, SpellError) else "EXECUTION_FAILED"
     except KeyboardInterrupt:
         message, code = "cast interrupted", "INTERRUPTED"
+    except Exception as exc:  # a bug: keep the attempt's log, then let main() report it
+        log["finished_at"] = iso_now()
+        log["error"] = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            write_log(log, secret_values(env, log.get("input")))
+        except OSError:
+            pass
+        raise
     finally:
         restore()
     secrets_list = secret_values(env, log.get("input"))

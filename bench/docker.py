@@ -47,7 +47,9 @@ def timed(cmd: list[str], env: dict) -> float:
     proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True)
     elapsed = time.perf_counter() - began
     if proc.returncode != 0:
-        sys.exit(f"bench: {' '.join(cmd[:4])} ... failed: {proc.stderr.decode().strip()}")
+        sys.exit(
+            f"bench: {' '.join(cmd[:4])} ... failed: {proc.stderr.decode().strip()}"
+        )
     return elapsed
 
 
@@ -68,25 +70,41 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = images.engine_env()
     if not images.docker_available():
-        sys.exit("bench: no docker engine answers (bash tests/support/docker-engine.sh start)")
+        sys.exit(
+            "bench: no docker engine answers (bash tests/support/docker-engine.sh start)"
+        )
     work = Path(tempfile.mkdtemp(prefix="spell-bench-docker-"))
     try:
-        subprocess.run([PY, str(ROOT / "build_zipapp.py"), "--out-dir", str(work / "dist")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [PY, str(ROOT / "build_zipapp.py"), "--out-dir", str(work / "dist")],
+            check=True,
+            capture_output=True,
+        )
         pyz = work / "dist" / "spell.pyz"
-        image = images.ensure_runner_image(work / "dist" / "spell_runner.pyz", latest=False)
+        image = images.ensure_runner_image(
+            work / "dist" / "spell_runner.pyz", latest=False
+        )
 
         bundle = work / "bundle"
         shutil.copytree(ROOT / "fixtures/spells/docker", bundle)
         manifest_path = bundle / "spell.yaml"
-        manifest_path.write_text(manifest_path.read_text().replace(
-            "spell-runner-test:latest", image))
+        manifest_path.write_text(
+            manifest_path.read_text().replace("spell-runner-test:latest", image)
+        )
         home = work / "home"
         home.mkdir()
-        env = {k: v for k, v in engine.items() if not k.startswith(("SPELL_", "CONNECTOR_"))}
+        env = {
+            k: v
+            for k, v in engine.items()
+            if not k.startswith(("SPELL_", "CONNECTOR_"))
+        }
         env.update(HOME=str(home), SPELL_HOME=str(home / ".spell"))
-        subprocess.run([PY, str(pyz), "install", str(bundle)], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [PY, str(pyz), "install", str(bundle)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
 
         # The same argument list and plan as spell builds (see run_in_docker).
         os.environ.update(HOME=env["HOME"], SPELL_HOME=env["SPELL_HOME"])
@@ -95,32 +113,43 @@ def main(argv: list[str] | None = None) -> int:
         share = work / "share"
         share.mkdir(mode=0o755)
         share.chmod(0o755)
-        plan = {"bundle_dir": spell.CONTAINER_BUNDLE, "workdir_copy_to": spell.CONTAINER_WORKDIR,
-                "steps": manifest["steps"], "checks": manifest["checks"], "input": {},
-                "input_path": f"{spell.CONTAINER_INPUT_DIR}/input.json", "env": {},
-                "step_timeout_ms": spell.DEFAULT_STEP_TIMEOUT_MS, "execution_timeout_ms": None}
+        plan = {
+            "bundle_dir": spell.CONTAINER_BUNDLE,
+            "workdir_copy_to": spell.CONTAINER_WORKDIR,
+            "steps": manifest["steps"],
+            "checks": manifest["checks"],
+            "input": {},
+            "input_path": f"{spell.CONTAINER_INPUT_DIR}/input.json",
+            "env": {},
+            "step_timeout_ms": spell.DEFAULT_STEP_TIMEOUT_MS,
+            "execution_timeout_ms": None,
+        }
         for name, value in (("input.json", {}), ("plan.json", plan)):
             (share / name).write_text(spell_runner.dumps_js(value))
             (share / name).chmod(0o644)
 
         def run_args(name: str) -> list[str]:
-            return spell.docker_run_args(settings, bundle_dir, str(share), name, [],
-                                         events=False)
+            return spell.docker_run_args(
+                settings, bundle_dir, str(share), name, [], events=False
+            )
 
-        counter = iter(range(10 ** 6))
+        counter = iter(range(10**6))
 
         def runner_cmd() -> list[str]:
             return ["docker", *run_args(f"spell-bench-{os.getpid()}-{next(counter)}")]
 
         def true_cmd() -> list[str]:
             argv = runner_cmd()
-            return argv[:argv.index("--") + 2] + ["true"]
+            return argv[: argv.index("--") + 2] + ["true"]
 
         def cast_cmd() -> list[str]:
             return [PY, str(pyz), "cast", "fixtures/hello-docker", "--allow-unsigned"]
 
-        commands = {"docker run true": true_cmd, "docker run runner": runner_cmd,
-                    "spell cast": cast_cmd}
+        commands = {
+            "docker run true": true_cmd,
+            "docker run runner": runner_cmd,
+            "spell cast": cast_cmd,
+        }
         samples: dict[str, list[float]] = {name: [] for name in commands}
         for make in commands.values():
             timed(make(), env)
@@ -129,16 +158,24 @@ def main(argv: list[str] | None = None) -> int:
                 samples[name].append(timed(make(), env))
 
         base = statistics.median(samples["docker run runner"])
-        print(f"docker cast overhead, {args.runs} runs each, image {image}, "
-              f"{os.cpu_count()} CPUs")
-        print(f"{'command':<18} {'median ms':>10} {'p90 ms':>8} {'ratio':>6} {'target':>7}")
+        print(
+            f"docker cast overhead, {args.runs} runs each, image {image}, "
+            f"{os.cpu_count()} CPUs"
+        )
+        print(
+            f"{'command':<18} {'median ms':>10} {'p90 ms':>8} {'ratio':>6} {'target':>7}"
+        )
         for name, values in samples.items():
             median = statistics.median(values)
             verdict = ""
             if name == "spell cast":
-                verdict = f"{TARGET:.1f}x " + ("ok" if median / base <= TARGET else "MISSED")
-            print(f"{name:<18} {median * 1000:>10.1f} {percentile(values, 0.9) * 1000:>8.1f} "
-                  f"{median / base:>5.2f}x {verdict:>7}")
+                verdict = f"{TARGET:.1f}x " + (
+                    "ok" if median / base <= TARGET else "MISSED"
+                )
+            print(
+                f"{name:<18} {median * 1000:>10.1f} {percentile(values, 0.9) * 1000:>8.1f} "
+                f"{median / base:>5.2f}x {verdict:>7}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
