@@ -206,7 +206,7 @@ def escape_text(text: str) -> str:
 
 
 def js_number(value) -> str:
-    """A number as JavaScript prints it (``10`` not ``10.0``, ``1e+21``, ``Infinity``)."""
+    """A number as JavaScript prints it (``10``, ``1e+21``, ``Infinity``)."""
     return spell_runner.js_string(value)
 
 
@@ -217,7 +217,9 @@ def dump_json(value) -> str:
 
 #: Primary collation ranks of printable ASCII in ICU root order (letters
 #: case-folded); verified against Node's localeCompare, see docs/compatibility.md.
-_LOCALE_ORDER = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmnopqrstuvwxyz"
+_LOCALE_ORDER = (
+    " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmnopqrstuvwxyz"
+)
 _LOCALE_RANK = {ch: i for i, ch in enumerate(_LOCALE_ORDER)}
 
 
@@ -281,7 +283,7 @@ def _check_depth(value, limit: int) -> None:
 
 
 def node_error(exc: OSError, syscall: str, path: str) -> str:
-    """An OS error in Node's words: ``ENOENT: no such file or directory, open '<p>'``."""
+    """An OS error worded as Node does: ``ENOENT: <reason>, <syscall> '<path>'``."""
     code = errno.errorcode.get(exc.errno or 0, "EIO")
     reason = (exc.strerror or "error").lower()
     return f"{code}: {reason}, {syscall} '{path}'"
@@ -349,7 +351,9 @@ def write_atomic(path: str, data: bytes | str, mode: int = PRIVATE_FILE_MODE) ->
     if isinstance(data, str):
         data = data.encode("utf-8")
     directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    tmp = os.path.join(
+        directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp"
+    )
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -366,7 +370,9 @@ def write_atomic(path: str, data: bytes | str, mode: int = PRIVATE_FILE_MODE) ->
         raise
 
 
-def read_file(path: str, limit: int, what: str, *, follow_symlinks: bool = False) -> bytes:
+def read_file(
+    path: str, limit: int, what: str, *, follow_symlinks: bool = False
+) -> bytes:
     """Read a regular file of at most ``limit`` bytes.
 
     FIFOs, devices, folders and (unless allowed) symlinks are refused before a
@@ -516,7 +522,10 @@ def _yaml_timestamp(text: str) -> YamlTimestamp:
         offset = (int(m[10]) * 60 + int(m[11] or 0)) * (1 if m[9] == "+" else -1)
     year += month // 12
     value = dt.datetime(year, month % 12 + 1, 1) + dt.timedelta(
-        days=day - 1, hours=hour, minutes=minute - offset, seconds=second,
+        days=day - 1,
+        hours=hour,
+        minutes=minute - offset,
+        seconds=second,
         milliseconds=millis,
     )
     return YamlTimestamp(value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis:03d}Z")
@@ -567,7 +576,9 @@ def _yaml_loader_class():
         def construct_mapping(self, node, deep=False):
             if not isinstance(node, yaml.MappingNode):
                 raise ConstructorError(
-                    None, None, f"expected a mapping node, but found {node.id}",
+                    None,
+                    None,
+                    f"expected a mapping node, but found {node.id}",
                     node.start_mark,
                 )
             result: dict = {}
@@ -580,9 +591,11 @@ def _yaml_loader_class():
                     for item in sources:
                         if not isinstance(item, dict):
                             raise ConstructorError(
-                                None, None,
+                                None,
+                                None,
                                 "cannot merge mappings; the provided source object "
-                                "is unacceptable", value_node.start_mark,
+                                "is unacceptable",
+                                value_node.start_mark,
                             )
                         for key, value in item.items():
                             if key not in result:
@@ -593,7 +606,9 @@ def _yaml_loader_class():
                 key = self._js_key(key_obj, key_node.start_mark)
                 if key in result and key not in overridable:
                     raise ConstructorError(
-                        None, None, f"duplicated mapping key '{key}'",
+                        None,
+                        None,
+                        f"duplicated mapping key '{key}'",
                         key_node.start_mark,
                     )
                 overridable.discard(key)
@@ -609,32 +624,44 @@ def _yaml_loader_class():
         data: list = []
         yield data
         for key_node, value_node in _pair_nodes(loader, node):
-            data.append([loader._js_key(loader.construct_object(key_node, deep=True),
-                                        key_node.start_mark),
-                         loader.construct_object(value_node, deep=True)])
+            data.append(
+                [
+                    loader._js_key(
+                        loader.construct_object(key_node, deep=True),
+                        key_node.start_mark,
+                    ),
+                    loader.construct_object(value_node, deep=True),
+                ]
+            )
 
     def construct_ordered(loader, node):
         data: list = []
         yield data
         seen = set()
         for key_node, value_node in _pair_nodes(loader, node):
-            key = loader._js_key(loader.construct_object(key_node, deep=True),
-                                 key_node.start_mark)
+            key = loader._js_key(
+                loader.construct_object(key_node, deep=True), key_node.start_mark
+            )
             if key in seen:
-                raise ConstructorError(None, None, f"duplicated mapping key '{key}'",
-                                       key_node.start_mark)
+                raise ConstructorError(
+                    None, None, f"duplicated mapping key '{key}'", key_node.start_mark
+                )
             seen.add(key)
             data.append({key: loader.construct_object(value_node, deep=True)})
 
     def _pair_nodes(loader, node):
         if not isinstance(node, yaml.SequenceNode):
-            raise ConstructorError(None, None, "expected a sequence of pairs",
-                                   node.start_mark)
+            raise ConstructorError(
+                None, None, "expected a sequence of pairs", node.start_mark
+            )
         for item in node.value:
             if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
-                raise ConstructorError(None, None,
-                                       "expected a single mapping item per pair",
-                                       item.start_mark)
+                raise ConstructorError(
+                    None,
+                    None,
+                    "expected a single mapping item per pair",
+                    item.start_mark,
+                )
             yield item.value[0]
 
     def construct_binary(loader, node):
@@ -644,8 +671,10 @@ def _yaml_loader_class():
 
     Loader.yaml_implicit_resolvers = {}
     for name, pattern, first in _YAML_IMPLICIT:
-        Loader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", re.compile(pattern),
-                                     first)
+        Loader.add_implicit_resolver(
+            f"tag:yaml.org,2002:{name}", re.compile(pattern), first
+        )
+
     def construct_scalar_with(convert):
         def construct(loader, node):
             return convert(loader.construct_scalar(node))
@@ -772,8 +801,10 @@ def validate_manifest(raw, root: str) -> dict:
     """
     if not isinstance(raw, dict):
         raise ManifestError("spell.yaml must be a mapping object")
-    fields = {key: _require_string(raw, key) for key in
-              ("id", "version", "name", "summary", "inputs_schema")}
+    fields = {
+        key: _require_string(raw, key)
+        for key in ("id", "version", "name", "summary", "inputs_schema")
+    }
     spell_id, version = fields["id"], fields["version"]
     if utf16_length(spell_id) > ID_MAX_LENGTH:
         raise ManifestError(f"id must be <= {ID_MAX_LENGTH} characters")
@@ -785,7 +816,9 @@ def validate_manifest(raw, root: str) -> dict:
         raise ManifestError("version must not contain control characters")
     if "/" in version or "\\" in version or version in (".", ".."):
         # The version names a folder of the store: it must be one safe name.
-        raise ManifestError(f"version must not contain '/' or '\\' or be '.' or '..': {version}")
+        raise ManifestError(
+            f"version must not contain '/' or '\\' or be '.' or '..': {version}"
+        )
 
     risk = _require_string(raw, "risk")
     if risk not in RISKS:
@@ -799,7 +832,9 @@ def validate_manifest(raw, root: str) -> dict:
         scopes = _require_array(item, "scopes")
         for j, scope in enumerate(scopes):
             if not _is_str(scope) or not js_trim(scope):
-                raise ManifestError(f"permissions[{i}].scopes[{j}] must be a non-empty string")
+                raise ManifestError(
+                    f"permissions[{i}].scopes[{j}] must be a non-empty string"
+                )
         if not scopes:
             raise ManifestError(f"permissions[{i}].scopes must not be empty")
         permissions.append({"connector": connector, "scopes": list(scopes)})
@@ -822,8 +857,12 @@ def validate_manifest(raw, root: str) -> dict:
         raise ManifestError("missing or invalid number field: max_amount")
     if mode not in BILLING_MODES:
         raise ManifestError(f"invalid billing.mode: {mode}")
-    billing = {"enabled": enabled, "mode": mode, "currency": currency,
-               "max_amount": max_amount}
+    billing = {
+        "enabled": enabled,
+        "mode": mode,
+        "currency": currency,
+        "max_amount": max_amount,
+    }
 
     runtime_raw = _require_mapping(raw, "runtime")
     execution = _require_string(runtime_raw, "execution")
@@ -838,7 +877,9 @@ def validate_manifest(raw, root: str) -> dict:
     if _is_str(image) and js_trim(image):
         runtime["docker_image"] = image
     elif execution == "docker":
-        raise ManifestError("runtime.docker_image is required when runtime.execution=docker")
+        raise ManifestError(
+            "runtime.docker_image is required when runtime.execution=docker"
+        )
 
     steps_raw = _require_array(raw, "steps")
     if not steps_raw:
@@ -868,12 +909,21 @@ def validate_manifest(raw, root: str) -> dict:
         if check_type not in CHECK_TYPES:
             raise ManifestError(f"invalid checks[{i}].type: {check_type}")
         params = item.get("params")
-        checks.append({"type": check_type, "params": params if isinstance(params, dict) else {}})
+        checks.append(
+            {"type": check_type, "params": params if isinstance(params, dict) else {}}
+        )
 
     _check_bundle_files(root, fields["inputs_schema"], steps)
     manifest = dict(fields)
-    manifest.update(risk=risk, permissions=permissions, effects=effects,
-                    billing=billing, runtime=runtime, steps=steps, checks=checks)
+    manifest.update(
+        risk=risk,
+        permissions=permissions,
+        effects=effects,
+        billing=billing,
+        runtime=runtime,
+        steps=steps,
+        checks=checks,
+    )
     return manifest
 
 
@@ -931,8 +981,11 @@ _FULL_SHA_RE = re.compile(r"^[0-9a-fA-F]{40}(?:[0-9a-fA-F]{24})?$")
 
 def is_git_source(source: str) -> bool:
     lowered = source.lower()
-    return (lowered.startswith("https://") or lowered.startswith("ssh://")
-            or _GIT_SCP_RE.match(source) is not None)
+    return (
+        lowered.startswith("https://")
+        or lowered.startswith("ssh://")
+        or _GIT_SCP_RE.match(source) is not None
+    )
 
 
 def _new_temp_dir(prefix: str) -> str:
@@ -969,21 +1022,40 @@ def _clean_stale_temp_dirs(base: str) -> None:
 def _run_git(args: list[str], source: str, prefix: str) -> str:
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="", SSH_ASKPASS="")
     # Command transports (ext::, fd::) could run programs; never allow them.
-    cmd = ["git", "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never",
-           "-c", "core.hooksPath=/dev/null", *args]
+    cmd = [
+        "git",
+        "-c",
+        "protocol.ext.allow=never",
+        "-c",
+        "protocol.fd.allow=never",
+        "-c",
+        "core.hooksPath=/dev/null",
+        *args,
+    ]
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                              env=env, timeout=GIT_TIMEOUT_SECONDS)
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=GIT_TIMEOUT_SECONDS,
+        )
     except FileNotFoundError:
-        raise InstallError("git executable not found: install git and ensure it is on PATH") from None
+        raise InstallError(
+            "git executable not found: install git and ensure it is on PATH"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise InstallError(f"{prefix}: git timed out after {GIT_TIMEOUT_SECONDS}s") from None
+        raise InstallError(
+            f"{prefix}: git timed out after {GIT_TIMEOUT_SECONDS}s"
+        ) from None
     except OSError as exc:
         raise InstallError(f"failed to run git command for '{source}': {exc}") from None
     if proc.returncode != 0:
-        detail = (proc.stderr.decode("utf-8", "replace").strip()
-                  or proc.stdout.decode("utf-8", "replace").strip()
-                  or f"git exited with code {proc.returncode}")
+        detail = (
+            proc.stderr.decode("utf-8", "replace").strip()
+            or proc.stdout.decode("utf-8", "replace").strip()
+            or f"git exited with code {proc.returncode}"
+        )
         raise InstallError(f"{prefix}: {' '.join(detail.split())}")
     return proc.stdout.decode("utf-8", "replace")
 
@@ -1000,19 +1072,42 @@ def _fetch_git(source: str, workdir: str) -> tuple[str, str, str]:
     if _FULL_SHA_RE.match(ref):
         # A commit: fetch just it when the server allows, else the whole history.
         _run_git(["init", "-q", "--", target], source, clone_prefix)
-        _run_git(["-C", target, "remote", "add", "origin", "--", url], source, clone_prefix)
+        _run_git(
+            ["-C", target, "remote", "add", "origin", "--", url], source, clone_prefix
+        )
         try:
-            _run_git(["-C", target, "fetch", "-q", "--depth", "1", "origin", ref],
-                     source, clone_prefix)
+            _run_git(
+                ["-C", target, "fetch", "-q", "--depth", "1", "origin", ref],
+                source,
+                clone_prefix,
+            )
         except InstallError:
             _run_git(["-C", target, "fetch", "-q", "origin"], source, clone_prefix)
-        _run_git(["-C", target, "-c", "advice.detachedHead=false", "checkout", "-q",
-                  ref, "--"], source, clone_prefix)
+        _run_git(
+            [
+                "-C",
+                target,
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "-q",
+                ref,
+                "--",
+            ],
+            source,
+            clone_prefix,
+        )
     else:
-        _run_git(["clone", "-q", "--depth", "1", "--branch", ref, "--", url, target],
-                 source, clone_prefix)
-    commit = _run_git(["-C", target, "rev-parse", "HEAD"], source,
-                      f"failed to resolve git commit for '{source}'").strip()
+        _run_git(
+            ["clone", "-q", "--depth", "1", "--branch", ref, "--", url, target],
+            source,
+            clone_prefix,
+        )
+    commit = _run_git(
+        ["-C", target, "rev-parse", "HEAD"],
+        source,
+        f"failed to resolve git commit for '{source}'",
+    ).strip()
     if not commit:
         raise InstallError(f"failed to resolve git commit for '{source}': empty HEAD")
     return target, ref, commit
@@ -1084,13 +1179,23 @@ def _check_installable(manifest: dict) -> None:
     for step in manifest["steps"]:
         run = os.path.normpath(step["run"])
         if not run.startswith("steps" + os.sep):
-            raise InstallError(f"step '{step['name']}' run path must be inside steps/: {step['run']}")
-    if len(id_key(manifest["id"])) > NAME_MAX or len(manifest["version"].encode()) > NAME_MAX:
+            raise InstallError(
+                f"step '{step['name']}' run path must be inside steps/: {step['run']}"
+            )
+    if manifest["version"].startswith("."):
+        # Listings skip hidden folders, so such a version could never be found.
+        raise InstallError(f"version must not start with '.': {manifest['version']}")
+    if (
+        len(id_key(manifest["id"])) > NAME_MAX
+        or len(manifest["version"].encode()) > NAME_MAX
+    ):
         raise InstallError("id or version is too long to store")
 
 
 def install_bundle(source: str) -> dict:
     """Install a bundle from a folder or ``<git url>#<ref>``; return its manifest."""
+    if "\x00" in source:
+        raise InstallError("source must not contain NUL characters")
     workdir = None
     try:
         if is_git_source(source):
@@ -1101,7 +1206,9 @@ def install_bundle(source: str) -> dict:
             try:
                 root = os.path.realpath(os.path.abspath(source), strict=True)
             except OSError as exc:
-                raise InstallError(node_error(exc, "realpath", os.path.abspath(source))) from None
+                raise InstallError(
+                    node_error(exc, "realpath", os.path.abspath(source))
+                ) from None
             if not os.path.isdir(root):
                 raise InstallError(f"bundle path must be a directory: {source}")
             provenance = {"type": "local", "source": source}
@@ -1134,9 +1241,13 @@ def _commit_install(root: str, manifest: dict, provenance: dict) -> None:
         os.makedirs(version_stage, 0o755)
         _stage_bundle(root, manifest, version_stage)
         record = dict(provenance, installed_at=iso_now())
-        write_atomic(os.path.join(version_stage, "source.json"), dump_json(record), 0o644)
+        write_atomic(
+            os.path.join(version_stage, "source.json"), dump_json(record), 0o644
+        )
         if not os.path.isdir(id_dir):
-            write_atomic(os.path.join(stage, "id", "spell.id.txt"), spell_id + "\n", 0o644)
+            write_atomic(
+                os.path.join(stage, "id", "spell.id.txt"), spell_id + "\n", 0o644
+            )
             os.chmod(os.path.join(stage, "id"), STORE_DIR_MODE)
             try:
                 os.rename(os.path.join(stage, "id"), id_dir)
@@ -1158,10 +1269,12 @@ def _commit_install(root: str, manifest: dict, provenance: dict) -> None:
 
 
 def _read_id_file(path: str) -> str | None:
+    """The trimmed id in ``spell.id.txt``; None if it is missing or not a small file."""
     try:
-        return js_trim(read_file(path, 4096, "spell.id.txt").decode("utf-8", "replace"))
-    except OSError:
+        data = read_file(path, 4096, "spell.id.txt")
+    except (OSError, SpellError):
         return None
+    return js_trim(data.decode("utf-8", "replace"))
 
 
 def _version_dirs(id_dir: str) -> list[str]:
@@ -1169,8 +1282,11 @@ def _version_dirs(id_dir: str) -> list[str]:
         entries = list(os.scandir(id_dir))
     except OSError:
         return []
-    return [e.name for e in entries
-            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    return [
+        e.name
+        for e in entries
+        if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+    ]
 
 
 def resolve_installed(spell_id: str, version: str | None) -> tuple[str, dict]:
@@ -1182,7 +1298,9 @@ def resolve_installed(spell_id: str, version: str | None) -> tuple[str, dict]:
     if stored is None:
         raise NotFound(f"missing spell.id.txt for {spell_id}")
     if stored != spell_id:
-        raise SpellError(f"id mismatch in spell.id.txt: expected '{spell_id}', found '{stored}'")
+        raise SpellError(
+            f"id mismatch in spell.id.txt: expected '{spell_id}', found '{stored}'"
+        )
     versions = _version_dirs(id_dir)
     if not versions:
         raise NotFound(f"no versions installed for: {spell_id}")
@@ -1230,8 +1348,10 @@ def installed_bundles(warn=None) -> list[tuple[str, dict]]:
                 continue
             if manifest["id"] != stored:
                 if warn:
-                    warn(f"skipping {path}: id mismatch under {entry.path}: "
-                         f"spell.id.txt='{stored}', spell.yaml.id='{manifest['id']}'")
+                    warn(
+                        f"skipping {path}: id mismatch under {entry.path}: "
+                        f"spell.id.txt='{stored}', spell.yaml.id='{manifest['id']}'"
+                    )
                 continue
             found.append((path, manifest))
     found.sort(key=lambda item: locale_key(item[1]["version"]), reverse=True)
@@ -1243,8 +1363,11 @@ def schema_summary(schema) -> tuple[list[str], list[str]]:
     """The (required, "key: type") lists ``inspect`` prints for a schema."""
     if not isinstance(schema, dict):
         return [], []
-    required = [r for r in schema.get("required", []) if isinstance(r, str)] \
-        if isinstance(schema.get("required"), list) else []
+    required = (
+        [r for r in schema.get("required", []) if isinstance(r, str)]
+        if isinstance(schema.get("required"), list)
+        else []
+    )
     types = []
     properties = schema.get("properties")
     if isinstance(properties, dict):
@@ -1286,20 +1409,37 @@ def cmd_install(args, io) -> int:
 def cmd_list(args, io) -> int:
     bundles = installed_bundles(warn=io.warn)
     if args.json:
-        io.out(spell_runner.dumps_js([
-            {"id": m["id"], "version": m["version"], "name": m["name"],
-             "summary": m["summary"], "risk": m["risk"], "billing": m["billing"],
-             "runtime": m["runtime"], "path": path}
-            for path, m in bundles
-        ], indent=2))
+        io.out(
+            spell_runner.dumps_js(
+                [
+                    {
+                        "id": m["id"],
+                        "version": m["version"],
+                        "name": m["name"],
+                        "summary": m["summary"],
+                        "risk": m["risk"],
+                        "billing": m["billing"],
+                        "runtime": m["runtime"],
+                        "path": path,
+                    }
+                    for path, m in bundles
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not bundles:
         io.out("No spells installed")
         return 0
     io.out("id@version\tname\trisk\tbilling.enabled\truntime.execution")
     for _, m in bundles:
-        row = [f"{m['id']}@{m['version']}", m["name"], m["risk"],
-               "true" if m["billing"]["enabled"] else "false", m["runtime"]["execution"]]
+        row = [
+            f"{m['id']}@{m['version']}",
+            m["name"],
+            m["risk"],
+            "true" if m["billing"]["enabled"] else "false",
+            m["runtime"]["execution"],
+        ]
         io.out("\t".join(escape_text(cell) for cell in row))
     return 0
 
@@ -1309,37 +1449,64 @@ def cmd_inspect(args, io) -> int:
     schema = load_schema(bundle_dir, m)
     required, key_types = schema_summary(schema)
     if args.json:
-        io.out(spell_runner.dumps_js({
-            "id": m["id"], "version": m["version"], "name": m["name"],
-            "summary": m["summary"], "risk": m["risk"],
-            "inputs": {"required": required, "key_types": key_types},
-            "permissions": m["permissions"], "effects": m["effects"],
-            "billing": m["billing"], "runtime": m["runtime"], "steps": m["steps"],
-            "checks": m["checks"], "path": bundle_dir,
-            "source": _read_source_record(bundle_dir),
-        }, indent=2))
+        io.out(
+            spell_runner.dumps_js(
+                {
+                    "id": m["id"],
+                    "version": m["version"],
+                    "name": m["name"],
+                    "summary": m["summary"],
+                    "risk": m["risk"],
+                    "inputs": {"required": required, "key_types": key_types},
+                    "permissions": m["permissions"],
+                    "effects": m["effects"],
+                    "billing": m["billing"],
+                    "runtime": m["runtime"],
+                    "steps": m["steps"],
+                    "checks": m["checks"],
+                    "path": bundle_dir,
+                    "source": _read_source_record(bundle_dir),
+                },
+                indent=2,
+            )
+        )
         return 0
     e = escape_text
     billing, runtime = m["billing"], m["runtime"]
-    lines = ["識別", f"  id@version: {e(m['id'])}@{e(m['version'])}", f"  name: {e(m['name'])}",
-             f"  summary: {e(m['summary'])}", "供物",
-             f"  required: {e(','.join(required)) if required else '(none)'}",
-             f"  key types: {e(','.join(key_types)) if key_types else '(none)'}", "鍵穴"]
-    lines += [f"  connector={e(p['connector'])} scopes={e(','.join(p['scopes']))}"
-              for p in m["permissions"]] or ["  (none)"]
+    lines = [
+        "識別",
+        f"  id@version: {e(m['id'])}@{e(m['version'])}",
+        f"  name: {e(m['name'])}",
+        f"  summary: {e(m['summary'])}",
+        "供物",
+        f"  required: {e(','.join(required)) if required else '(none)'}",
+        f"  key types: {e(','.join(key_types)) if key_types else '(none)'}",
+        "鍵穴",
+    ]
+    lines += [
+        f"  connector={e(p['connector'])} scopes={e(','.join(p['scopes']))}"
+        for p in m["permissions"]
+    ] or ["  (none)"]
     lines.append("作用")
-    lines += [f"  type={e(x['type'])} target={e(x['target'])} "
-              f"mutates={'true' if x['mutates'] else 'false'}" for x in m["effects"]]
-    lines += ["代償",
-              f"  enabled={'true' if billing['enabled'] else 'false'} mode={e(billing['mode'])} "
-              f"max_amount={js_number(billing['max_amount'])} currency={e(billing['currency'])}",
-              "実行",
-              f"  execution={runtime['execution']} "
-              f"docker_image={e(runtime.get('docker_image', '-'))} "
-              f"platforms={e(','.join(runtime['platforms']))}",
-              "封印"]
-    lines += [f"  type={c['type']} params={e(spell_runner.dumps_js(c['params']))}"
-              for c in m["checks"]]
+    lines += [
+        f"  type={e(x['type'])} target={e(x['target'])} "
+        f"mutates={'true' if x['mutates'] else 'false'}"
+        for x in m["effects"]
+    ]
+    lines += [
+        "代償",
+        f"  enabled={'true' if billing['enabled'] else 'false'} mode={e(billing['mode'])} "
+        f"max_amount={js_number(billing['max_amount'])} currency={e(billing['currency'])}",
+        "実行",
+        f"  execution={runtime['execution']} "
+        f"docker_image={e(runtime.get('docker_image', '-'))} "
+        f"platforms={e(','.join(runtime['platforms']))}",
+        "封印",
+    ]
+    lines += [
+        f"  type={c['type']} params={e(spell_runner.dumps_js(c['params']))}"
+        for c in m["checks"]
+    ]
     io.out("\n".join(lines))
     return 0
 
@@ -2944,6 +3111,159 @@ def _count_additional(error) -> int:
                if key not in properties and not any(re.search(p, key) for p in patterns))
 
 
+# The common subset, checked without jsonschema ---------------------------------
+#
+# Importing jsonschema costs more than the rest of a cast's start-up together,
+# and most input schemas use a handful of keywords. A schema made only of
+# those (and well formed) is checked here, with jsonschema's semantics, error
+# order and paths; anything else goes to jsonschema. tests/test_cast.py
+# compares the two on random schemas.
+
+_FAST_DIALECTS = ("https://json-schema.org/draft/2020-12/schema", *_DRAFT7_IDS)
+_FAST_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+_FAST_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">",
+                "exclusiveMaximum": "<"}
+_FAST_COUNTS = {"minLength": ("string", "fewer", "characters"),
+                "maxLength": ("string", "more", "characters"),
+                "minItems": ("array", "fewer", "items"), "maxItems": ("array", "more", "items"),
+                "minProperties": ("object", "fewer", "properties"),
+                "maxProperties": ("object", "more", "properties")}
+_FAST_TEXT = ("title", "description", "$comment", "format")
+_FAST_FLAGS = ("readOnly", "writeOnly", "deprecated")
+
+
+def _is_type(value, kind: str) -> bool:
+    """jsonschema's type test (booleans are not numbers; 1.0 is an integer)."""
+    if kind in ("number", "integer"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return kind == "number" or isinstance(value, int) or value.is_integer()
+    return {"string": str, "object": dict, "array": list, "boolean": bool,
+            "null": type(None)}[kind] is type(value)
+
+
+def _json_equal(one, two) -> bool:
+    """Equality as JSON Schema means it: ``true`` is not ``1``, ``1`` is ``1.0``."""
+    if isinstance(one, str) or isinstance(two, str):
+        return one == two
+    if isinstance(one, list) and isinstance(two, list):
+        return len(one) == len(two) and all(map(_json_equal, one, two))
+    if isinstance(one, dict) and isinstance(two, dict):
+        return one.keys() == two.keys() and all(_json_equal(one[k], two[k]) for k in one)
+    if isinstance(one, bool) or isinstance(two, bool):
+        return type(one) is type(two) and one == two
+    return type(one) not in (list, dict) and type(two) not in (list, dict) and one == two
+
+
+def _fast_schema(schema, root: bool) -> bool:
+    """True when ``schema`` is a well-formed schema of the common subset."""
+    if not isinstance(schema, dict):
+        return False
+    for key, value in schema.items():
+        if key == "$schema":
+            if not root or not isinstance(value, str) or value.rstrip("#") not in [
+                    d.rstrip("#") for d in _FAST_DIALECTS]:
+                return False
+        elif key in _FAST_TEXT:
+            if not isinstance(value, str):
+                return False
+        elif key in _FAST_FLAGS:
+            if not isinstance(value, bool):
+                return False
+        elif key == "examples":
+            if not isinstance(value, list):
+                return False
+        elif key in ("default", "const"):
+            pass
+        elif key == "type":
+            kinds = value if isinstance(value, list) else [value]
+            if not kinds or any(k not in _FAST_TYPES for k in kinds) \
+                    or len(set(kinds)) != len(kinds):
+                return False
+        elif key == "required":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value) \
+                    or len(set(value)) != len(value):
+                return False
+        elif key == "enum":
+            if not isinstance(value, list):
+                return False
+        elif key in _FAST_BOUNDS:
+            if not _is_type(value, "number"):
+                return False
+        elif key in _FAST_COUNTS:
+            if not _is_type(value, "integer") or value < 0:
+                return False
+        elif key == "pattern":
+            try:
+                re.compile(value)
+            except (re.error, TypeError):
+                return False
+        elif key == "properties":
+            if not isinstance(value, dict) or not all(_fast_schema(v, False)
+                                                      for v in value.values()):
+                return False
+        elif key == "additionalProperties":
+            if not isinstance(value, bool) and not _fast_schema(value, False):
+                return False
+        elif key == "items":
+            if not _fast_schema(value, False):
+                return False
+        else:
+            return False
+    return True
+
+
+def _fast_errors(schema: dict, value, path: tuple = ()) -> list[str]:
+    """Errors of ``value`` against a ``_fast_schema`` schema, as jsonschema orders them."""
+    errors: list[str] = []
+    where = _pointer(path)
+    is_object, is_array = isinstance(value, dict), isinstance(value, list)
+    for key, rule in schema.items():
+        if key == "type":
+            kinds = rule if isinstance(rule, list) else [rule]
+            if not any(_is_type(value, k) for k in kinds):
+                errors.append(f"{where} must be {','.join(kinds)}")
+        elif key == "required" and is_object:
+            errors += [f"{where} must have required property '{name}'"
+                       for name in rule if name not in value]
+        elif key == "properties" and is_object:
+            for name, sub in rule.items():
+                if name in value:
+                    errors += _fast_errors(sub, value[name], path + (name,))
+        elif key == "additionalProperties" and is_object:
+            known = schema.get("properties", {})
+            extras = [name for name in value if name not in known]
+            if isinstance(rule, dict):
+                for name in extras:
+                    errors += _fast_errors(rule, value[name], path + (name,))
+            elif rule is False:
+                errors += [f"{where} must NOT have additional properties"] * len(extras)
+        elif key == "items" and is_array:
+            for index, item in enumerate(value):
+                errors += _fast_errors(rule, item, path + (index,))
+        elif key == "enum":
+            if not any(_json_equal(value, option) for option in rule):
+                errors.append(f"{where} must be equal to one of the allowed values")
+        elif key == "const":
+            if not _json_equal(value, rule):
+                errors.append(f"{where} must be equal to constant")
+        elif key in _FAST_BOUNDS and _is_type(value, "number"):
+            failed = {"minimum": value < rule, "maximum": value > rule,
+                      "exclusiveMinimum": value <= rule, "exclusiveMaximum": value >= rule}[key]
+            if failed:
+                errors.append(f"{where} must be {_FAST_BOUNDS[key]} {js_number(rule)}")
+        elif key in _FAST_COUNTS:
+            kind, word, unit = _FAST_COUNTS[key]
+            if _is_type(value, kind):
+                too_few = key.startswith("min")
+                if (len(value) < rule) if too_few else (len(value) > rule):
+                    errors.append(f"{where} must NOT have {word} than {js_number(rule)} {unit}")
+        elif key == "pattern" and isinstance(value, str):
+            if not re.search(rule, value):
+                errors.append(f'{where} must match pattern "{rule}"')
+    return errors
+
+
 def _schema_validator(schema: dict):
     jsonschema = require("jsonschema", "jsonschema")
     referencing = require("referencing", "jsonschema")
@@ -2967,6 +3287,8 @@ def _schema_validator(schema: dict):
 
 
 def _schema_errors(schema: dict, value) -> list[str]:
+    if _fast_schema(schema, True):
+        return _fast_errors(schema, value)
     validator = _schema_validator(schema)
     try:
         return [f"{_pointer(e.absolute_path)} {message}"
@@ -3270,6 +3592,14 @@ def cast(opts: dict, io) -> dict:
         code = exc.error_code if isinstance(exc, SpellError) else "EXECUTION_FAILED"
     except KeyboardInterrupt:
         message, code = "cast interrupted", "INTERRUPTED"
+    except Exception as exc:  # a bug: keep the attempt's log, then let main() report it
+        log["finished_at"] = iso_now()
+        log["error"] = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            write_log(log, secret_values(env, log.get("input")))
+        except OSError:
+            pass
+        raise
     finally:
         restore()
     secrets_list = secret_values(env, log.get("input"))
@@ -3433,8 +3763,10 @@ DEFAULT_PIDS_LIMIT = 256
 #: After the execution deadline the runner reports itself; the container is
 #: killed if it has not finished this much later.
 DOCKER_KILL_GRACE_S = 1.0
-#: Bound for the small docker commands (kill, rm) that clean up.
+#: Bound for the ``docker rm -f`` that cleans up.
 DOCKER_CLEANUP_TIMEOUT_S = 20
+#: Exit codes of spell-runner itself (success, spell failure); docker uses others.
+RUNNER_EXIT_CODES = (0, 1)
 #: The runner prints one JSON line of capped outputs; more is not read.
 DOCKER_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
 _MEMORY_RE = re.compile(r"^[0-9]+[bkmg]?$", re.IGNORECASE)
@@ -3557,13 +3889,13 @@ def _docker_failure(stderr: str, code: int, image: str) -> DockerError:
 
 
 def _docker_cleanup(name: str, client_env: dict) -> None:
-    for command in (["kill", name], ["rm", "-f", name]):
-        try:
-            subprocess.run(["docker", *command], env=client_env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=DOCKER_CLEANUP_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+    """Kill and remove the container (``rm -f`` does both); errors are ignored."""
+    try:
+        subprocess.run(["docker", "rm", "-f", name], env=client_env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=DOCKER_CLEANUP_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
@@ -3654,7 +3986,11 @@ def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            _docker_cleanup(name, client_env)
+            # With --rm the client returns only once the container is removed,
+            # so a runner exit (0 or 1) leaves nothing; anything else (a docker
+            # error, a killed client) may leave a created or running container.
+            if proc.returncode not in RUNNER_EXIT_CODES:
+                _docker_cleanup(name, client_env)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -7887,6 +8223,11 @@ class SpellArgumentParser(argparse.ArgumentParser):
     def print_help(self, file=None):
         super().print_help(file or self.stdout)
 
+    def _print_message(self, message, file=None):
+        # argparse writes help and --version to sys.stdout; use our stream.
+        if message:
+            (self.stdout if file is None or file is sys.stdout else file).write(message)
+
     def exit(self, status=0, message=None):
         if message:
             raise UsageError(message.strip(), self.format_usage())
@@ -7903,33 +8244,45 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
         pass
 
     Parser.stdout = stdout or sys.stdout
-    parser = Parser(prog="spell", description="Minimal runtime for SpellBundle v1",
-                    allow_abbrev=False)
+    parser = Parser(
+        prog="spell",
+        description="Minimal runtime for SpellBundle v1",
+        allow_abbrev=False,
+    )
     parser.add_argument("--version", action="version", version=f"spell {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="<command>")
 
     def command(name, func, help_text, **kw):
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  allow_abbrev=False, **kw)
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, allow_abbrev=False, **kw
+        )
         sub.set_defaults(func=func, parser=sub)
         return sub
 
     def group(name, help_text):
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  allow_abbrev=False)
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, allow_abbrev=False
+        )
         sub.set_defaults(func=None, parser=sub)
         return sub, sub.add_subparsers(title="commands", metavar="<command>")
 
     def subcommand(parent, name, func, help_text, **kw):
-        sub = parent.add_parser(name, help=help_text, description=help_text,
-                                allow_abbrev=False, **kw)
+        sub = parent.add_parser(
+            name, help=help_text, description=help_text, allow_abbrev=False, **kw
+        )
         sub.set_defaults(func=func, parser=sub)
         return sub
 
-    p = command("install", cmd_install, "Install a spell bundle from local path or git URL",
-                epilog="example: spell install ./my-spell   or   "
-                       "spell install https://example.com/spells.git#v1.0.0")
-    p.add_argument("source", help="Path to local spell bundle or git URL (git requires #<ref>)")
+    p = command(
+        "install",
+        cmd_install,
+        "Install a spell bundle from local path or git URL",
+        epilog="example: spell install ./my-spell   or   "
+        "spell install https://example.com/spells.git#v1.0.0",
+    )
+    p.add_argument(
+        "source", help="Path to local spell bundle or git URL (git requires #<ref>)"
+    )
 
     p = command("list", cmd_list, "List installed spells")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -7939,45 +8292,84 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
     p.add_argument("--version", help="Specific version")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = command("cast", cmd_cast, "Cast a spell",
-                epilog="example: spell cast samples/hello --allow-unsigned -p name=world")
+    p = command(
+        "cast",
+        cmd_cast,
+        "Cast a spell",
+        epilog="example: spell cast samples/hello --allow-unsigned -p name=world",
+    )
     p.add_argument("id", help="Spell id")
     inputs = p.add_argument_group("input")
     inputs.add_argument("--version", help="Specific version")
-    inputs.add_argument("-p", "--param", action="append", default=[], metavar="key=value",
-                        help="Input override (repeatable; JSON-typed values, dotted keys)")
+    inputs.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="Input override (repeatable; JSON-typed values, dotted keys)",
+    )
     inputs.add_argument("--input", metavar="file", help="Input JSON file")
     guards = p.add_argument_group("guards")
-    guards.add_argument("--dry-run", action="store_true",
-                        help="Validate and summarize only")
-    guards.add_argument("--yes", action="store_true", help="Acknowledge high or critical risk")
-    guards.add_argument("--allow-billing", action="store_true",
-                        help="Allow billing-enabled spells")
-    guards.add_argument("--require-signature", action="store_true",
-                        help="Require verified signature (the default)")
-    guards.add_argument("--allow-unsigned", action="store_true",
-                        help="Allow unsigned bundles (overrides signature requirement)")
+    guards.add_argument(
+        "--dry-run", action="store_true", help="Validate and summarize only"
+    )
+    guards.add_argument(
+        "--yes", action="store_true", help="Acknowledge high or critical risk"
+    )
+    guards.add_argument(
+        "--allow-billing", action="store_true", help="Allow billing-enabled spells"
+    )
+    guards.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="Require verified signature (the default)",
+    )
+    guards.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="Allow unsigned bundles (overrides signature requirement)",
+    )
     output = p.add_argument_group("output")
-    output.add_argument("--verbose", action="store_true",
-                        help="Show progress and step output on stderr")
+    output.add_argument(
+        "--verbose", action="store_true", help="Show progress and step output on stderr"
+    )
     output.add_argument("--profile", metavar="name", help="Reserved for future use")
 
     _, sign = group("sign", "Create signing keys and sign spell bundles")
-    p = subcommand(sign, "keygen", cmd_sign_keygen, "Generate an ed25519 keypair for spell signing")
+    p = subcommand(
+        sign, "keygen", cmd_sign_keygen, "Generate an ed25519 keypair for spell signing"
+    )
     p.add_argument("publisher", help="Publisher (id prefix before first slash)")
     p.add_argument("--key-id", default="default", help="Key id (default: default)")
-    p.add_argument("--out-dir", default=".spell-keys", help="Output folder (default: .spell-keys)")
+    p.add_argument(
+        "--out-dir", default=".spell-keys", help="Output folder (default: .spell-keys)"
+    )
     p.add_argument("--force", action="store_true", help="Overwrite existing key files")
-    p = subcommand(sign, "bundle", cmd_sign_bundle, "Create spell.sig.json for a local spell bundle")
-    p.add_argument("local_path", metavar="local-path",
-                   help="Path to local bundle containing spell.yaml")
-    p.add_argument("--private-key", required=True, metavar="file",
-                   help="Ed25519 private key (PKCS#8 PEM)")
+    p = subcommand(
+        sign,
+        "bundle",
+        cmd_sign_bundle,
+        "Create spell.sig.json for a local spell bundle",
+    )
+    p.add_argument(
+        "local_path",
+        metavar="local-path",
+        help="Path to local bundle containing spell.yaml",
+    )
+    p.add_argument(
+        "--private-key",
+        required=True,
+        metavar="file",
+        help="Ed25519 private key (PKCS#8 PEM)",
+    )
     p.add_argument("--key-id", default="default", help="Key id (default: default)")
     p.add_argument("--publisher", help="Publisher (default: the id's prefix)")
 
     _, lic = group("license", "Manage local entitlement tokens for billing")
-    p = subcommand(lic, "add", cmd_license_add, "Add or update a local entitlement token")
+    p = subcommand(
+        lic, "add", cmd_license_add, "Add or update a local entitlement token"
+    )
     p.add_argument("name", help="License label")
     p.add_argument("token", help="Entitlement token")
     subcommand(lic, "list", cmd_license_list, "List local licenses")
@@ -7985,16 +8377,25 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
     p.add_argument("name", help="License label")
 
     _, trust = group("trust", "Manage trusted publisher keys")
-    p = subcommand(trust, "add", cmd_trust_add, "Add or update a trusted publisher public key")
+    p = subcommand(
+        trust, "add", cmd_trust_add, "Add or update a trusted publisher public key"
+    )
     p.add_argument("publisher", help="Publisher (id prefix before first slash)")
-    p.add_argument("public_key", metavar="public-key",
-                   help="ed25519 public key (spki der) as base64url")
+    p.add_argument(
+        "public_key",
+        metavar="public-key",
+        help="ed25519 public key (spki der) as base64url",
+    )
     p.add_argument("--key-id", default="default", help="Key id (default: default)")
     subcommand(trust, "list", cmd_trust_list, "List trusted publishers")
-    p = subcommand(trust, "remove", cmd_trust_remove, "Remove a trusted publisher (all keys)")
+    p = subcommand(
+        trust, "remove", cmd_trust_remove, "Remove a trusted publisher (all keys)"
+    )
     p.add_argument("publisher", help="Publisher (id prefix before first slash)")
 
-    p = command("verify", cmd_verify, "Verify an installed spell's signature without casting")
+    p = command(
+        "verify", cmd_verify, "Verify an installed spell's signature without casting"
+    )
     p.add_argument("id", help="Spell id")
     p.add_argument("--version", help="Specific version")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -8002,18 +8403,26 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
     _, policy = group("policy", "Show or validate the runtime policy")
     subcommand(policy, "show", cmd_policy_show, "Print the policy in force")
     p = subcommand(policy, "validate", cmd_policy_validate, "Validate a policy file")
-    p.add_argument("--file", required=True, metavar="path", help="Policy file to validate")
+    p.add_argument(
+        "--file", required=True, metavar="path", help="Policy file to validate"
+    )
 
     p = command("log", cmd_log, "Show execution log")
-    p.add_argument("execution_id", metavar="execution-id", help="Execution log file name")
+    p.add_argument(
+        "execution_id", metavar="execution-id", help="Execution log file name"
+    )
 
     p = command("api", cmd_api, "Serve the Execution API and the receipts page")
-    p.add_argument("--host", help="Address to bind (default: 127.0.0.1 or SPELL_API_HOST)")
+    p.add_argument(
+        "--host", help="Address to bind (default: 127.0.0.1 or SPELL_API_HOST)"
+    )
     p.add_argument("--port", help="Port (default: 8787 or SPELL_API_PORT)")
-    p.add_argument("--registry", help="Button registry file (default: SPELL_BUTTON_REGISTRY_PATH)")
+    p.add_argument(
+        "--registry", help="Button registry file (default: SPELL_BUTTON_REGISTRY_PATH)"
+    )
 
     p = command("help", None, "display help for command")
-    p.add_argument("topic", nargs="?", metavar="command")
+    p.add_argument("topic", nargs="*", metavar="command")
     p.set_defaults(func=None, help_topic=True)
     return parser
 
@@ -8025,17 +8434,39 @@ def _subparser(parser: argparse.ArgumentParser, name: str):
     return None
 
 
+def _use_utf8(*streams) -> None:
+    """Write UTF-8 as the original does, even under an ASCII locale."""
+    for stream in streams:
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("_", "-")
+        if encoding not in ("utf-8", "utf8") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
     """Run the command line; return the exit status (0 success, 1 failure)."""
+    if stdout is None and stderr is None:
+        _use_utf8(sys.stdout, sys.stderr)
     io = IO(stdout or sys.stdout, stderr or sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(io.stdout)
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            # Name the command concerned, not the top level, in the usage shown.
+            target = getattr(args, "parser", None) or parser
+            target.error(f"unrecognized arguments: {' '.join(extras)}")
         if getattr(args, "help_topic", False):
-            target = _subparser(parser, args.topic) if args.topic else parser
-            if target is None:
-                raise UsageError(f"error: unknown command '{args.topic}'", parser.format_help())
+            target = parser
+            for name in args.topic:  # `spell help trust add` walks the groups
+                target = _subparser(target, name)
+                if target is None:
+                    topic = " ".join(args.topic)
+                    raise UsageError(
+                        f"error: unknown command '{topic}'", parser.format_help()
+                    )
             target.print_help(io.stdout)
             return 0
         func = getattr(args, "func", None)
