@@ -4284,12 +4284,12 @@ def api_settings_from_env(env, *, host=None, port=None, registry=None) -> ApiSet
     """
     if port is not None:
         port_value = _js_integer(port)
-        if port_value is None or port_value < 0:
-            raise SpellError("--port must be an integer >= 0")
+        if port_value is None or not 0 <= port_value <= 65535:
+            raise SpellError("--port must be an integer from 0 to 65535")
     else:
         port_value = _setting_int(env, "SPELL_API_PORT", API_DEFAULT_PORT, 1)
-    if port_value > 65535:
-        raise SpellError("SPELL_API_PORT must be an integer >= 1 and <= 65535")
+        if port_value > 65535:
+            raise SpellError("SPELL_API_PORT must be an integer >= 1 and <= 65535")
     if registry is None:
         registry = env.get("SPELL_BUTTON_REGISTRY_PATH")
         # Only unset or whitespace means the default: an empty string is a path.

@@ -910,3 +910,15 @@ def test_log_lines_are_json_without_secrets(installed, registry):
     states = [l["status"] for l in lines if l.get("event") == "execution"]
     assert states == ["queued", "running", "succeeded"]
     assert "\x1b" not in stream.getvalue()
+
+
+def test_cli_server_prints_its_address_and_stops_on_sigint(api_env, registry):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPELL_API_")}
+    env["SPELL_BUTTON_REGISTRY_PATH"] = str(registry)
+    proc, port = start_server_process(env)
+    try:
+        assert Client(port).get("/api/health") == (200, {"ok": True})
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert proc.stdout.read() == ""  # exactly one line on stdout

@@ -617,3 +617,57 @@ def test_error_responses_match_the_openapi_document(app_factory):
     for method, target, body, headers, path in cases:
         status, value = call(app, method, target, body, headers)
         openapi_validator(doc, method, path, status).validate(value)
+
+
+def test_port_bounds():
+    with pytest.raises(
+        spell.SpellError, match="SPELL_API_PORT must be an integer >= 1 and"
+    ):
+        spell.api_settings_from_env({"SPELL_API_PORT": "70000"})
+    with pytest.raises(
+        spell.SpellError, match="--port must be an integer from 0 to 65535"
+    ):
+        spell.api_settings_from_env({}, port="-1")
+
+
+def test_plain_json_matches_compact_json_for_index_values():
+    row = {
+        "execution_id": "exec_1_abcdef12",
+        "button_id": 'b\u00e9\u2028"x\\',
+        "require_signature": True,
+        "status": "failed",
+        "tenant_id": "t",
+        "actor_role": "\x00\x1f\x7f",
+        "created_at": "2026",
+        "error_code": None,
+        "seq": 10**15,
+    }
+    value = {
+        "ok": True,
+        "executions": [spell.public_execution(row)],
+        "limit": 5,
+        "none": None,
+    }
+    assert spell.plain_json(value) == spell.compact_json(value)
+
+
+def test_ipv6_loopback(api_env, registry):
+    import http.client
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        server = spell.start_execution_api_server(
+            registryPath=str(registry), host="::1", quiet=True
+        )
+    except spell.SpellError as exc:
+        pytest.skip(f"IPv6 loopback unavailable: {exc.message}")
+    try:
+        assert server.url == f"http://[::1]:{server.port}"
+        conn = http.client.HTTPConnection("::1", server.port, timeout=10)
+        conn.request("GET", "/api/health")
+        assert conn.getresponse().read() == b'{"ok":true}'
+        conn.close()
+    finally:
+        server.close()
