@@ -5463,6 +5463,7 @@ class ForkWorker:
         self._env = env
         self._log = log
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._proc = None
         self._tickets: dict[str, _Ticket] = {}
         self._ready = threading.Event()
@@ -5536,18 +5537,24 @@ class ForkWorker:
         """Ask the worker to fork one execution; restarts a dead worker first."""
         ticket = _Ticket(job)
         line = (json.dumps(dict(request, job=job)) + "\n").encode()
-        with self._lock:
-            for attempt in range(2):
-                if self._proc is None or self._proc.poll() is not None:
-                    self._start_locked()
-                self._tickets[job] = ticket
+        # Writing may block until the worker reads; the event reader must not
+        # wait for that, so the pipe has its own lock.
+        with self._write_lock:
+            for _ in range(2):
+                with self._lock:
+                    if self._proc is None or self._proc.poll() is not None:
+                        self._start_locked()
+                    proc = self._proc
+                    self._tickets[job] = ticket
                 try:
-                    self._proc.stdin.write(line)
-                    self._proc.stdin.flush()
+                    proc.stdin.write(line)
+                    proc.stdin.flush()
                     return ticket
                 except (BrokenPipeError, OSError, ValueError):
-                    self._tickets.pop(job, None)
-                    self._proc = None
+                    with self._lock:
+                        self._tickets.pop(job, None)
+                        if self._proc is proc:
+                            self._proc = None
         ticket.error = "execution worker unavailable"
         ticket.started.set()
         ticket.exited.set()
