@@ -191,16 +191,24 @@ DOCKER_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("name, value, message", DOCKER_ERRORS)
-def test_invalid_docker_settings_fail_before_the_summary(
-    spell_cli, install, tmp_path, name, value, message
-):
+def test_invalid_docker_settings_fail_before_the_summary(spell_cli, install, tmp_path):
     install(copy_fixture("docker", tmp_path / "d"))
-    for flags in (["--dry-run"], []):
+    for n, (name, value, message) in enumerate(DOCKER_ERRORS):
+        # Refused before the summary, and (unlike the original) in a dry run too.
+        flags = ["--dry-run"] if n % 2 else []
         proc = spell_cli(
             "cast", "fixtures/hello-docker", "--allow-unsigned", *flags, **{name: value}
         )
         assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", message + "\n")
+
+
+@pytest.mark.parametrize("name, value, message", DOCKER_ERRORS)
+def test_docker_settings_refuse_what_javascript_refuses(name, value, message):
+    import spell
+
+    with pytest.raises(spell.SpellError) as caught:
+        spell.docker_settings({name: value}, "img:1")
+    assert caught.value.message == message
 
 
 def test_docker_settings_are_checked_in_the_original_order(
@@ -409,7 +417,7 @@ def test_connector_token_reaches_the_step_but_no_command_line(
 ):
     script = (
         '#!/bin/sh\nprintf %s "$CONNECTOR_GITHUB_TOKEN" | sha256sum | cut -c1-64\n'
-        "sleep 3\n"
+        "sleep 2\n"
     )
     install(
         docker_bundle(
@@ -429,7 +437,7 @@ def test_connector_token_reaches_the_step_but_no_command_line(
     try:
         wait_for(lambda: containers_of(engine, store), timeout=30)
         # Let the runner and the step start, then look at every command line.
-        time.sleep(1.0)
+        time.sleep(0.5)
         leaks = [line for line in all_cmdlines() if token.encode() in line]
         out, err = proc.communicate(timeout=60)
     finally:
@@ -554,3 +562,43 @@ def test_sigterm_removes_the_container(
             proc.wait()
     assert (proc.returncode, err) == (1, "cast interrupted\n")
     wait_for(lambda: containers_of(engine, store) == [], timeout=10)
+
+
+def test_run_arguments_carry_names_not_values():
+    import spell
+
+    settings = spell.docker_settings({}, "img:1")
+    manifest = {"permissions": [{"connector": "git-hub", "scopes": []}]}
+    env = {
+        "CONNECTOR_GIT_HUB_TOKEN": "tok-value-123",
+        "SPELL_RUNTIME_STEP_TIMEOUT_MS": " 750 ",
+    }
+    passed = spell._passed_environment(manifest, env)
+    assert passed == {
+        "CONNECTOR_GIT_HUB_TOKEN": "tok-value-123",
+        "SPELL_RUNTIME_STEP_TIMEOUT_MS": "750",
+    }
+    args = spell.docker_run_args(
+        settings, "/b/1.0.0", "/t/share", "spell-x", sorted(passed), events=False
+    )
+    assert "tok-value-123" not in " ".join(args)
+    assert args[args.index("CONNECTOR_GIT_HUB_TOKEN") - 1] == "-e"
+    for flag in (
+        ["--network", "none"],
+        ["--cap-drop", "ALL"],
+        ["--read-only"],
+        ["--security-opt", "no-new-privileges"],
+        ["--user", "65532:65532"],
+        ["--pids-limit", "256"],
+        ["--tmpfs", "/tmp:rw,noexec,nosuid,size=64m"],
+        ["-v", "/b/1.0.0:/spell:ro"],
+        ["--name", "spell-x"],
+    ):
+        start = args.index(flag[0])
+        assert args[start : start + len(flag)] == flag
+    assert args[:2] == ["run", "--rm"]
+    # The image comes after "--", so it is never read as an option.
+    assert args[args.index("--") + 1] == "img:1"
+    assert args[-3:] == ["spell-runner", "--plan", "/tmp/spell-input/plan.json"]
+    with pytest.raises(spell.SpellError):
+        spell.docker_run_args(settings, "/b:c/1.0.0", "/t", "n", [], events=False)
