@@ -137,7 +137,7 @@ def installed_dir(store: Path, spell_id: str, version: str = "1.0.0") -> Path:
 class FakeServer:
     """A local HTTP server answering from ``routes`` and keeping every request.
 
-    ``routes`` maps ``(method, path)`` to ``(status, JSON body)``.
+    ``routes`` maps ``(method, path)`` to ``(status, JSON body[, headers])``.
     """
 
     def __init__(self, routes: dict):
@@ -157,9 +157,12 @@ class FakeServer:
                         "body": json.loads(body) if body else None,
                     }
                 )
-                status, payload = outer.routes.get((self.command, self.path), (404, {}))
+                answer = outer.routes.get((self.command, self.path), (404, {}))
+                status, payload, *headers = answer
                 data = json.dumps(payload).encode("utf-8")
                 self.send_response(status)
+                for name, value in headers[0].items() if headers else ():
+                    self.send_header(name, value)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
@@ -498,6 +501,48 @@ def test_repo_ops_creates_the_tag_through_the_github_api(cast, store):
     printed = cast_log(done)["outputs"]["step.tag.stdout"]
     assert printed == f"created refs/tags/v2.0.0 on acme/web at {sha}\n"
     _assert_token_hidden(done, store)
+
+
+def test_repo_ops_reports_github_refusals_and_follows_no_redirect(cast, store):
+    sha = "3f" * 20
+    params = {"branch": "main", "tag": "v2.0.0", "repository": "acme/web", "push": True}
+    with FakeServer({}) as github:
+        elsewhere = {"location": github.base_url + "/elsewhere"}
+        github.routes = {
+            ("GET", "/repos/acme/web/git/ref/heads/main"): (
+                200,
+                {"object": {"sha": sha}},
+            ),
+            ("POST", "/repos/acme/web/git/refs"): (
+                422,
+                {"message": "Reference already exists"},
+            ),
+        }
+        refused = cast(
+            "samples/repo-ops",
+            params=params,
+            CONNECTOR_GITHUB_TOKEN=TOKEN,
+            GITHUB_API_URL=github.base_url,
+        )
+        (step,) = latest_log(store)["steps"]
+        github.routes = {
+            ("GET", "/repos/acme/web/git/ref/heads/main"): (301, {}, elsewhere),
+        }
+        moved = cast(
+            "samples/repo-ops",
+            params=params,
+            CONNECTOR_GITHUB_TOKEN=TOKEN,
+            GITHUB_API_URL=github.base_url,
+        )
+    assert refused.returncode == 1
+    assert (
+        f"github answered 422 to POST {github.base_url}/repos/acme/web/git/refs: "
+        "Reference already exists" in step["stderr_head"]
+    )
+    assert moved.returncode == 1
+    assert "github answered 301 to GET" in latest_log(store)["steps"][0]["stderr_head"]
+    assert "/elsewhere" not in [request["path"] for request in github.requests]
+    _assert_token_hidden(moved, store)
 
 
 def test_repo_ops_without_push_only_prints_the_requests(cast, store):
