@@ -3961,6 +3961,8 @@ DEFAULT_PIDS_LIMIT = 256
 #: After the execution deadline the runner reports itself; the container is
 #: killed if it has not finished this much later.
 DOCKER_KILL_GRACE_S = 1.0
+#: Execution timeouts beyond this (about three years) are no deadline at all.
+DOCKER_TIMER_MAX_S = 1e8
 #: Bound for the ``docker rm -f`` that cleans up.
 DOCKER_CLEANUP_TIMEOUT_S = 20
 #: Exit codes of spell-runner itself (success, spell failure); docker uses others.
@@ -4241,7 +4243,8 @@ def run_in_docker(
         limit = None if timeout_ms is None else timeout_ms / 1000 + DOCKER_KILL_GRACE_S
         timer_fired = threading.Event()
         timer = None
-        if limit is not None:
+        # A longer wait overflows the platform's time_t in threading.Timer.
+        if limit is not None and limit < DOCKER_TIMER_MAX_S:
 
             def expire():
                 timer_fired.set()

@@ -602,3 +602,17 @@ def test_run_arguments_carry_names_not_values():
     assert args[-3:] == ["spell-runner", "--plan", "/tmp/spell-input/plan.json"]
     with pytest.raises(spell.SpellError):
         spell.docker_run_args(settings, "/b:c/1.0.0", "/t", "n", [], events=False)
+
+
+def test_huge_execution_timeout_is_no_deadline(
+    engine, runner_image, spell_cli, install, store, tmp_path
+):
+    install(docker_bundle(tmp_path / "b", runner_image, "#!/bin/sh\necho fine\n"))
+    proc = spell_cli(
+        "cast",
+        "dk/spell",
+        "--allow-unsigned",
+        SPELL_RUNTIME_EXECUTION_TIMEOUT_MS="1e20",
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert latest_log(store)["outputs"]["step.hello.stdout"] == "fine\n"
