@@ -3734,6 +3734,8 @@ def cast(opts: dict, io) -> dict:
     restore = _trap_sigterm()
     try:
         _cast_pipeline(opts, io, log, env, secrets_list)
+        # Only the execution is interruptible: the log is written whole.
+        restore()
         log["success"] = True
         log["finished_at"] = iso_now()
         secrets_list = secret_values(env, log.get("input"))
@@ -3785,7 +3787,14 @@ def _trap_sigterm():
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    restored = []
+
+    def restore() -> None:
+        if not restored:
+            restored.append(True)
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
