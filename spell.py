@@ -4164,6 +4164,36 @@ def _docker_cleanup(name: str, client_env: dict) -> None:
         pass
 
 
+def _readable_copy(bundle_dir: str, target: str) -> None:
+    """Copy what the runner reads (spell.yaml, schema.json, steps/) for the container.
+
+    The container's user is not the owner of the installed files, so an
+    owner-only step (0700) or schema (0600) would be unreadable there; the
+    copy is world-readable and keeps only the executable bits.  Symlinks and
+    special files are refused, as install refuses them.
+    """
+
+    def copy(src: str, dst: str) -> None:
+        info = os.lstat(src)
+        if stat.S_ISDIR(info.st_mode):
+            os.mkdir(dst, 0o755)
+            os.chmod(dst, 0o755)
+            for entry in sorted(os.listdir(src)):
+                copy(os.path.join(src, entry), os.path.join(dst, entry))
+        elif stat.S_ISREG(info.st_mode):
+            shutil.copyfile(src, dst, follow_symlinks=False)
+            os.chmod(dst, 0o755 if info.st_mode & 0o111 else 0o644)
+        else:
+            raise DockerError(f"unsupported file type in bundle: {src}")
+
+    os.mkdir(target, 0o755)
+    os.chmod(target, 0o755)
+    for name in ("spell.yaml", "schema.json", "steps"):
+        path = os.path.join(bundle_dir, name)
+        if os.path.lexists(path):
+            copy(path, os.path.join(target, name))
+
+
 def run_in_docker(
     manifest: dict,
     bundle_dir: str,
@@ -4211,8 +4241,10 @@ def run_in_docker(
             write_atomic(
                 os.path.join(share, filename), spell_runner.dumps_js(value), 0o644
             )
+        staged = os.path.join(workdir, "bundle")
+        _readable_copy(bundle_dir, staged)
         args = docker_run_args(
-            settings, bundle_dir, share, name, sorted(passed), events=verbose
+            settings, staged, share, name, sorted(passed), events=verbose
         )
         on_event = (
             _progress_printer(io, secret_values(env, merged)) if verbose else None

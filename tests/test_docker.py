@@ -57,13 +57,15 @@ def runner_image(engine, pyz) -> str:
 
 @pytest.fixture
 def spell_cli(run_pyz, store):
-    """``spell_cli(*args, **extra_env)``: spell with a clean environment plus the engine's."""
+    """``spell_cli(*args, **extra_env)``: spell with a clean environment plus the engine's.
+
+    TMPDIR is ``<HOME>/tmp``, so the container's mounts lie under the test's HOME.
+    """
     engine_host = images.engine_env().get("DOCKER_HOST")
 
     def run(*args, timeout=120, **extra_env):
-        env = clean_env(**extra_env)
-        if engine_host and "DOCKER_HOST" not in extra_env:
-            env["DOCKER_HOST"] = engine_host
+        env = cast_env({"DOCKER_HOST": engine_host} if engine_host else {}, store)
+        env.update(extra_env)
         return run_pyz(*args, env=env, timeout=timeout)
 
     return run
@@ -99,8 +101,12 @@ def docker(engine: dict, *args, timeout=60) -> subprocess.CompletedProcess:
     )
 
 
-def containers_of(engine: dict, marker: Path) -> list[dict]:
-    """``docker inspect`` of every ``spell-*`` container that mounts a path under ``marker``."""
+def containers_of(engine: dict, store: Path) -> list[dict]:
+    """``docker inspect`` of every ``spell-*`` container of this test's casts.
+
+    Those mount folders under the test's HOME (its TMPDIR, see ``cast_env``).
+    """
+    marker = store.parent
     ids = docker(engine, "ps", "-aq", "--filter", "name=spell-").stdout.split()
     if not ids:
         return []
@@ -125,10 +131,14 @@ def start_cast(pyz, env: dict, *args) -> subprocess.Popen:
     )
 
 
-def cast_env(engine: dict, **extra) -> dict:
-    env = clean_env(**extra)
+def cast_env(engine: dict, store: Path, **extra) -> dict:
+    """A clean environment with the engine's DOCKER_HOST and TMPDIR under HOME."""
+    tmp = store.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = clean_env(TMPDIR=str(tmp))
     if engine.get("DOCKER_HOST"):
         env["DOCKER_HOST"] = engine["DOCKER_HOST"]
+    env.update(extra)
     return env
 
 
@@ -137,7 +147,7 @@ SLEEPER = "#!/bin/sh\necho started\nsleep 2\n"
 
 def inspect_while_running(engine, pyz, store, *args, **env_vars) -> tuple[dict, tuple]:
     """Start a cast of a sleeping step, inspect its container, then let it finish."""
-    proc = start_cast(pyz, cast_env(engine, **env_vars), *args)
+    proc = start_cast(pyz, cast_env(engine, store, **env_vars), *args)
     try:
         [container] = wait_for(lambda: containers_of(engine, store), timeout=30)
         out = proc.communicate(timeout=60)
@@ -308,15 +318,7 @@ def test_cast_under_default_hardening(
     install(
         copy_fixture("docker", tmp_path / "d", **{"runtime.docker_image": runner_image})
     )
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    proc = spell_cli(
-        "cast",
-        "fixtures/hello-docker",
-        "--allow-unsigned",
-        "--verbose",
-        TMPDIR=str(tmp),
-    )
+    proc = spell_cli("cast", "fixtures/hello-docker", "--allow-unsigned", "--verbose")
     assert proc.returncode == 0, proc.stderr
     fields = stdout_fields(proc.stdout)
     assert proc.stdout.endswith(
@@ -334,6 +336,7 @@ def test_cast_under_default_hardening(
         {"type": "exit_code", "success": True, "message": "all steps succeeded"}
     ]
     assert "[hello:stdout] hello-docker uid=65532" in proc.stderr
+    tmp = store.parent / "tmp"
     assert list(tmp.iterdir()) == [], "the input folder was left behind"
     assert containers_of(engine, store) == []
 
@@ -430,7 +433,7 @@ def test_connector_token_reaches_the_step_but_no_command_line(
     token = "ghs-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:24]
     proc = start_cast(
         pyz,
-        cast_env(engine, CONNECTOR_GITHUB_TOKEN=token),
+        cast_env(engine, store, CONNECTOR_GITHUB_TOKEN=token),
         "dk/spell",
         "--allow-unsigned",
     )
@@ -551,7 +554,7 @@ def test_sigterm_removes_the_container(
     engine, runner_image, pyz, install, store, tmp_path
 ):
     install(docker_bundle(tmp_path / "b", runner_image, "#!/bin/sh\nsleep 30\n"))
-    proc = start_cast(pyz, cast_env(engine), "dk/spell", "--allow-unsigned")
+    proc = start_cast(pyz, cast_env(engine, store), "dk/spell", "--allow-unsigned")
     try:
         wait_for(lambda: containers_of(engine, store), timeout=30)
         proc.terminate()
@@ -616,3 +619,15 @@ def test_huge_execution_timeout_is_no_deadline(
     )
     assert (proc.returncode, proc.stderr) == (0, "")
     assert latest_log(store)["outputs"]["step.hello.stdout"] == "fine\n"
+
+
+def test_owner_only_files_are_readable_in_the_container(
+    engine, runner_image, spell_cli, install, store, tmp_path
+):
+    bundle = docker_bundle(tmp_path / "b", runner_image, "#!/bin/sh\necho private ok\n")
+    (bundle / "steps" / "hello.sh").chmod(0o700)
+    (bundle / "schema.json").chmod(0o600)
+    install(bundle)
+    proc = spell_cli("cast", "dk/spell", "--allow-unsigned")
+    assert proc.returncode == 0, proc.stderr
+    assert latest_log(store)["outputs"]["step.hello.stdout"] == "private ok\n"
