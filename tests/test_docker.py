@@ -631,3 +631,41 @@ def test_owner_only_files_are_readable_in_the_container(
     proc = spell_cli("cast", "dk/spell", "--allow-unsigned")
     assert proc.returncode == 0, proc.stderr
     assert latest_log(store)["outputs"]["step.hello.stdout"] == "private ok\n"
+
+
+def test_docker_platform_is_linux_with_the_host_arch(spell_cli, install, tmp_path):
+    import spell
+
+    host = spell.host_platform()
+    arch = host.split("/")[1]
+    target = "linux/" + ("amd64" if arch == "x64" else arch)
+    install(
+        copy_fixture("docker", tmp_path / "d", **{"runtime.platforms": ["plan9/mips"]})
+    )
+    proc = spell_cli("cast", "fixtures/hello-docker", "--allow-unsigned")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (
+        f"platform mismatch: host={host}, runtime=docker, target={target}, "
+        "spell supports=plan9/mips\n"
+    )
+
+
+def test_checks_run_in_the_container_work_folder(
+    engine, runner_image, spell_cli, install, store, tmp_path
+):
+    runtime = {
+        "execution": "docker",
+        "platforms": ["linux/amd64", "linux/arm64"],
+        "docker_image": runner_image,
+    }
+    install(copy_fixture("multi-check", tmp_path / "m", runtime=runtime))
+    proc = spell_cli("cast", "fixtures/multi-check", "--allow-unsigned")
+    assert proc.returncode == 0, proc.stderr
+    assert latest_log(store)["checks"] == [
+        {"type": "exit_code", "success": True, "message": "all steps succeeded"},
+        {
+            "type": "file_exists",
+            "success": True,
+            "message": "file exists: /spell-work/artifacts/out.txt",
+        },
+    ]
