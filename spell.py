@@ -2957,14 +2957,29 @@ def parse_js_integer(raw: str | None, name: str, minimum: int, default):
 
 def runtime_limits(env) -> dict:
     """The SPELL_RUNTIME_* limits, all validated before anything runs."""
-    input_max = parse_js_integer(env.get("SPELL_RUNTIME_INPUT_MAX_BYTES"),
-                                 "SPELL_RUNTIME_INPUT_MAX_BYTES", 1, DEFAULT_INPUT_MAX_BYTES)
-    execution = parse_js_integer(env.get("SPELL_RUNTIME_EXECUTION_TIMEOUT_MS"),
-                                 "SPELL_RUNTIME_EXECUTION_TIMEOUT_MS", 0, 0)
-    step = parse_js_integer(env.get("SPELL_RUNTIME_STEP_TIMEOUT_MS"),
-                            "SPELL_RUNTIME_STEP_TIMEOUT_MS", 1, DEFAULT_STEP_TIMEOUT_MS)
-    return {"input_max_bytes": input_max, "execution_timeout_ms": execution or None,
-            "step_timeout_ms": step}
+    input_max = parse_js_integer(
+        env.get("SPELL_RUNTIME_INPUT_MAX_BYTES"),
+        "SPELL_RUNTIME_INPUT_MAX_BYTES",
+        1,
+        DEFAULT_INPUT_MAX_BYTES,
+    )
+    execution = parse_js_integer(
+        env.get("SPELL_RUNTIME_EXECUTION_TIMEOUT_MS"),
+        "SPELL_RUNTIME_EXECUTION_TIMEOUT_MS",
+        0,
+        0,
+    )
+    step = parse_js_integer(
+        env.get("SPELL_RUNTIME_STEP_TIMEOUT_MS"),
+        "SPELL_RUNTIME_STEP_TIMEOUT_MS",
+        1,
+        DEFAULT_STEP_TIMEOUT_MS,
+    )
+    return {
+        "input_max_bytes": input_max,
+        "execution_timeout_ms": execution or None,
+        "step_timeout_ms": step,
+    }
 
 
 def execution_id_for(spell_id: str, version: str, now: float | None = None) -> str:
@@ -2975,8 +2990,13 @@ def execution_id_for(spell_id: str, version: str, now: float | None = None) -> s
     millisecond; the log file is also created exclusively.
     """
     now = time.time() if now is None else now
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
-    return f"{stamp}_{sanitize(spell_id)}_{sanitize(version)}_{secrets.token_hex(2)}.json"
+    stamp = (
+        time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+        + f"{int(now * 1000) % 1000:03d}Z"
+    )
+    return (
+        f"{stamp}_{sanitize(spell_id)}_{sanitize(version)}_{secrets.token_hex(2)}.json"
+    )
 
 
 # Input ---------------------------------------------------------------------
@@ -2985,8 +3005,9 @@ def execution_id_for(spell_id: str, version: str, now: float | None = None) -> s
 def _read_input_file(path: str, limit: int):
     absolute = os.path.abspath(path)
     try:
-        value = read_json_file(absolute, "--input file",
-                               limit=max(limit * INPUT_FILE_FACTOR, 1024 * 1024))
+        value = read_json_file(
+            absolute, "--input file", limit=max(limit * INPUT_FILE_FACTOR, 1024 * 1024)
+        )
     except OSError as exc:
         raise CastError(node_error(exc, "open", absolute)) from None
     except ValueError as exc:
@@ -3035,7 +3056,10 @@ def build_input(base: dict, params: list[str]) -> dict:
 
 # Schema validation -------------------------------------------------------------
 
-_DRAFT7_IDS = ("http://json-schema.org/draft-07/schema", "https://json-schema.org/draft-07/schema")
+_DRAFT7_IDS = (
+    "http://json-schema.org/draft-07/schema",
+    "https://json-schema.org/draft-07/schema",
+)
 
 
 def _pointer(path) -> str:
@@ -3056,15 +3080,27 @@ def _ajv_messages(error) -> list[str]:
         missing = [n for n in value if error.message == f"{n!r} is a required property"]
         return [f"must have required property '{missing[0] if missing else value}'"]
     if kind == "additionalProperties":
-        return ["must NOT have additional properties"] * max(1, _count_additional(error))
+        return ["must NOT have additional properties"] * max(
+            1, _count_additional(error)
+        )
     if kind in ("dependencies", "dependentRequired") and isinstance(value, dict):
         for prop, deps in value.items():
-            if isinstance(deps, list) and error.message.endswith(f" is a dependency of {prop!r}"):
+            if isinstance(deps, list) and error.message.endswith(
+                f" is a dependency of {prop!r}"
+            ):
                 noun = "property" if len(deps) == 1 else "properties"
-                return [f"must have {noun} {', '.join(map(str, deps))} when property "
-                        f"{prop} is present"]
-    if kind in ("additionalItems", "items") and value is False and isinstance(parent, dict):
-        tuple_items = parent.get("items" if kind == "additionalItems" else "prefixItems")
+                return [
+                    f"must have {noun} {', '.join(map(str, deps))} when property "
+                    f"{prop} is present"
+                ]
+    if (
+        kind in ("additionalItems", "items")
+        and value is False
+        and isinstance(parent, dict)
+    ):
+        tuple_items = parent.get(
+            "items" if kind == "additionalItems" else "prefixItems"
+        )
         limit = len(tuple_items) if isinstance(tuple_items, list) else 0
         return [f"must NOT have more than {limit} items"]
     simple = {
@@ -3081,14 +3117,25 @@ def _ajv_messages(error) -> list[str]:
     if kind in simple:
         return [simple[kind]]
     if kind == "type":
-        return ["must be " + (",".join(value) if isinstance(value, list) else str(value))]
-    bounds = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+        return [
+            "must be " + (",".join(value) if isinstance(value, list) else str(value))
+        ]
+    bounds = {
+        "minimum": ">=",
+        "maximum": "<=",
+        "exclusiveMinimum": ">",
+        "exclusiveMaximum": "<",
+    }
     if kind in bounds:
         return [f"must be {bounds[kind]} {js_number(value)}"]
-    counted = {"minLength": ("fewer", "characters"), "maxLength": ("more", "characters"),
-               "minItems": ("fewer", "items"), "maxItems": ("more", "items"),
-               "minProperties": ("fewer", "properties"),
-               "maxProperties": ("more", "properties")}
+    counted = {
+        "minLength": ("fewer", "characters"),
+        "maxLength": ("more", "characters"),
+        "minItems": ("fewer", "items"),
+        "maxItems": ("more", "items"),
+        "minProperties": ("fewer", "properties"),
+        "maxProperties": ("more", "properties"),
+    }
     if kind in counted:
         word, unit = counted[kind]
         return [f"must NOT have {word} than {js_number(value)} {unit}"]
@@ -3104,11 +3151,16 @@ def _count_additional(error) -> int:
     instance, parent = error.instance, error.schema
     if not isinstance(instance, dict) or not isinstance(parent, dict):
         return 1
-    properties = parent.get("properties") if isinstance(parent.get("properties"), dict) else {}
+    properties = (
+        parent.get("properties") if isinstance(parent.get("properties"), dict) else {}
+    )
     patterns = parent.get("patternProperties")
     patterns = list(patterns) if isinstance(patterns, dict) else []
-    return sum(1 for key in instance
-               if key not in properties and not any(re.search(p, key) for p in patterns))
+    return sum(
+        1
+        for key in instance
+        if key not in properties and not any(re.search(p, key) for p in patterns)
+    )
 
 
 # The common subset, checked without jsonschema ---------------------------------
@@ -3121,13 +3173,20 @@ def _count_additional(error) -> int:
 
 _FAST_DIALECTS = ("https://json-schema.org/draft/2020-12/schema", *_DRAFT7_IDS)
 _FAST_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
-_FAST_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">",
-                "exclusiveMaximum": "<"}
-_FAST_COUNTS = {"minLength": ("string", "fewer", "characters"),
-                "maxLength": ("string", "more", "characters"),
-                "minItems": ("array", "fewer", "items"), "maxItems": ("array", "more", "items"),
-                "minProperties": ("object", "fewer", "properties"),
-                "maxProperties": ("object", "more", "properties")}
+_FAST_BOUNDS = {
+    "minimum": ">=",
+    "maximum": "<=",
+    "exclusiveMinimum": ">",
+    "exclusiveMaximum": "<",
+}
+_FAST_COUNTS = {
+    "minLength": ("string", "fewer", "characters"),
+    "maxLength": ("string", "more", "characters"),
+    "minItems": ("array", "fewer", "items"),
+    "maxItems": ("array", "more", "items"),
+    "minProperties": ("object", "fewer", "properties"),
+    "maxProperties": ("object", "more", "properties"),
+}
 _FAST_TEXT = ("title", "description", "$comment", "format")
 _FAST_FLAGS = ("readOnly", "writeOnly", "deprecated")
 
@@ -3138,8 +3197,13 @@ def _is_type(value, kind: str) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         return kind == "number" or isinstance(value, int) or value.is_integer()
-    return {"string": str, "object": dict, "array": list, "boolean": bool,
-            "null": type(None)}[kind] is type(value)
+    return {
+        "string": str,
+        "object": dict,
+        "array": list,
+        "boolean": bool,
+        "null": type(None),
+    }[kind] is type(value)
 
 
 def _json_equal(one, two) -> bool:
@@ -3149,10 +3213,14 @@ def _json_equal(one, two) -> bool:
     if isinstance(one, list) and isinstance(two, list):
         return len(one) == len(two) and all(map(_json_equal, one, two))
     if isinstance(one, dict) and isinstance(two, dict):
-        return one.keys() == two.keys() and all(_json_equal(one[k], two[k]) for k in one)
+        return one.keys() == two.keys() and all(
+            _json_equal(one[k], two[k]) for k in one
+        )
     if isinstance(one, bool) or isinstance(two, bool):
         return type(one) is type(two) and one == two
-    return type(one) not in (list, dict) and type(two) not in (list, dict) and one == two
+    return (
+        type(one) not in (list, dict) and type(two) not in (list, dict) and one == two
+    )
 
 
 def _fast_schema(schema, root: bool) -> bool:
@@ -3161,8 +3229,11 @@ def _fast_schema(schema, root: bool) -> bool:
         return False
     for key, value in schema.items():
         if key == "$schema":
-            if not root or not isinstance(value, str) or value.rstrip("#") not in [
-                    d.rstrip("#") for d in _FAST_DIALECTS]:
+            if (
+                not root
+                or not isinstance(value, str)
+                or value.rstrip("#") not in [d.rstrip("#") for d in _FAST_DIALECTS]
+            ):
                 return False
         elif key in _FAST_TEXT:
             if not isinstance(value, str):
@@ -3177,12 +3248,18 @@ def _fast_schema(schema, root: bool) -> bool:
             pass
         elif key == "type":
             kinds = value if isinstance(value, list) else [value]
-            if not kinds or any(k not in _FAST_TYPES for k in kinds) \
-                    or len(set(kinds)) != len(kinds):
+            if (
+                not kinds
+                or any(k not in _FAST_TYPES for k in kinds)
+                or len(set(kinds)) != len(kinds)
+            ):
                 return False
         elif key == "required":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value) \
-                    or len(set(value)) != len(value):
+            if (
+                not isinstance(value, list)
+                or not all(isinstance(v, str) for v in value)
+                or len(set(value)) != len(value)
+            ):
                 return False
         elif key == "enum":
             if not isinstance(value, list):
@@ -3199,8 +3276,9 @@ def _fast_schema(schema, root: bool) -> bool:
             except (re.error, TypeError):
                 return False
         elif key == "properties":
-            if not isinstance(value, dict) or not all(_fast_schema(v, False)
-                                                      for v in value.values()):
+            if not isinstance(value, dict) or not all(
+                _fast_schema(v, False) for v in value.values()
+            ):
                 return False
         elif key == "additionalProperties":
             if not isinstance(value, bool) and not _fast_schema(value, False):
@@ -3214,7 +3292,7 @@ def _fast_schema(schema, root: bool) -> bool:
 
 
 def _fast_errors(schema: dict, value, path: tuple = ()) -> list[str]:
-    """Errors of ``value`` against a ``_fast_schema`` schema, as jsonschema orders them."""
+    """Errors of ``value`` against a ``_fast_schema`` schema, in jsonschema order."""
     errors: list[str] = []
     where = _pointer(path)
     is_object, is_array = isinstance(value, dict), isinstance(value, list)
@@ -3224,8 +3302,11 @@ def _fast_errors(schema: dict, value, path: tuple = ()) -> list[str]:
             if not any(_is_type(value, k) for k in kinds):
                 errors.append(f"{where} must be {','.join(kinds)}")
         elif key == "required" and is_object:
-            errors += [f"{where} must have required property '{name}'"
-                       for name in rule if name not in value]
+            errors += [
+                f"{where} must have required property '{name}'"
+                for name in rule
+                if name not in value
+            ]
         elif key == "properties" and is_object:
             for name, sub in rule.items():
                 if name in value:
@@ -3248,8 +3329,12 @@ def _fast_errors(schema: dict, value, path: tuple = ()) -> list[str]:
             if not _json_equal(value, rule):
                 errors.append(f"{where} must be equal to constant")
         elif key in _FAST_BOUNDS and _is_type(value, "number"):
-            failed = {"minimum": value < rule, "maximum": value > rule,
-                      "exclusiveMinimum": value <= rule, "exclusiveMaximum": value >= rule}[key]
+            failed = {
+                "minimum": value < rule,
+                "maximum": value > rule,
+                "exclusiveMinimum": value <= rule,
+                "exclusiveMaximum": value >= rule,
+            }[key]
             if failed:
                 errors.append(f"{where} must be {_FAST_BOUNDS[key]} {js_number(rule)}")
         elif key in _FAST_COUNTS:
@@ -3257,7 +3342,9 @@ def _fast_errors(schema: dict, value, path: tuple = ()) -> list[str]:
             if _is_type(value, kind):
                 too_few = key.startswith("min")
                 if (len(value) < rule) if too_few else (len(value) > rule):
-                    errors.append(f"{where} must NOT have {word} than {js_number(rule)} {unit}")
+                    errors.append(
+                        f"{where} must NOT have {word} than {js_number(rule)} {unit}"
+                    )
         elif key == "pattern" and isinstance(value, str):
             if not re.search(rule, value):
                 errors.append(f'{where} must match pattern "{rule}"')
@@ -3281,7 +3368,9 @@ def _schema_validator(schema: dict):
         cls.check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
         where = _pointer(exc.absolute_path)
-        raise CastError(f"schema is invalid: data{where if where != '/' else ''} {exc.message}")
+        raise CastError(
+            f"schema is invalid: data{where if where != '/' else ''} {exc.message}"
+        )
     registry = referencing.Registry(retrieve=refuse)
     return cls(schema, registry=registry)
 
@@ -3291,8 +3380,11 @@ def _schema_errors(schema: dict, value) -> list[str]:
         return _fast_errors(schema, value)
     validator = _schema_validator(schema)
     try:
-        return [f"{_pointer(e.absolute_path)} {message}"
-                for e in validator.iter_errors(value) for message in _ajv_messages(e)]
+        return [
+            f"{_pointer(e.absolute_path)} {message}"
+            for e in validator.iter_errors(value)
+            for message in _ajv_messages(e)
+        ]
     except Exception as exc:  # unresolvable $ref and friends come from the library
         if isinstance(exc, SpellError):
             raise
@@ -3322,8 +3414,9 @@ def validate_input(schema, value) -> None:
     if not isinstance(schema, dict):
         raise CastError("schema.json must be a JSON object")
     if _has_pattern(schema) and hasattr(os, "fork"):
-        errors = _run_bounded(lambda: _schema_errors(schema, value),
-                              SCHEMA_VALIDATION_TIMEOUT_S)
+        errors = _run_bounded(
+            lambda: _schema_errors(schema, value), SCHEMA_VALIDATION_TIMEOUT_S
+        )
     else:
         errors = _schema_errors(schema, value)
     if errors:
@@ -3350,8 +3443,10 @@ def _run_bounded(func, timeout_s: float):
     import selectors
 
     chunks, deadline = [], time.monotonic() + timeout_s
-    with os.fdopen(read_fd, "rb", buffering=0) as handle, \
-            selectors.DefaultSelector() as selector:
+    with (
+        os.fdopen(read_fd, "rb", buffering=0) as handle,
+        selectors.DefaultSelector() as selector,
+    ):
         selector.register(handle, selectors.EVENT_READ)
         while True:
             remaining = deadline - time.monotonic()
@@ -3375,10 +3470,21 @@ def _run_bounded(func, timeout_s: float):
 
 # Guards --------------------------------------------------------------------
 
-_ARCH_NAMES = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "arm64": "arm64",
-               "armv7l": "arm", "armv6l": "arm", "i386": "ia32", "i686": "ia32",
-               "x86": "ia32", "ppc64le": "ppc64", "s390x": "s390x", "riscv64": "riscv64",
-               "loongarch64": "loong64"}
+_ARCH_NAMES = {
+    "x86_64": "x64",
+    "amd64": "x64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv7l": "arm",
+    "armv6l": "arm",
+    "i386": "ia32",
+    "i686": "ia32",
+    "x86": "ia32",
+    "ppc64le": "ppc64",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+    "loongarch64": "loong64",
+}
 
 
 def host_platform() -> str:
@@ -3439,21 +3545,32 @@ def check_connector_tokens(permissions: list, env) -> None:
 def execution_summary(manifest: dict) -> str:
     """The summary block printed before execution, manifest strings escaped."""
     e = escape_text
-    lines = ["=== Execution Summary ===",
-             f"id@version: {e(manifest['id'])}@{e(manifest['version'])}",
-             f"risk: {manifest['risk']}", "effects:"]
-    lines += [f"  - type={e(x['type'])}, target={e(x['target'])}, "
-              f"mutates={'true' if x['mutates'] else 'false'}"
-              for x in manifest["effects"]] or ["  - none"]
+    lines = [
+        "=== Execution Summary ===",
+        f"id@version: {e(manifest['id'])}@{e(manifest['version'])}",
+        f"risk: {manifest['risk']}",
+        "effects:",
+    ]
+    lines += [
+        f"  - type={e(x['type'])}, target={e(x['target'])}, "
+        f"mutates={'true' if x['mutates'] else 'false'}"
+        for x in manifest["effects"]
+    ] or ["  - none"]
     lines.append("permissions:")
-    lines += [f"  - connector={e(p['connector'])}, scopes={e(','.join(p['scopes']))}"
-              for p in manifest["permissions"]] or ["  - none"]
+    lines += [
+        f"  - connector={e(p['connector'])}, scopes={e(','.join(p['scopes']))}"
+        for p in manifest["permissions"]
+    ] or ["  - none"]
     billing, runtime = manifest["billing"], manifest["runtime"]
-    lines.append(f"billing: enabled={'true' if billing['enabled'] else 'false'}, "
-                 f"mode={e(billing['mode'])}, max_amount={js_number(billing['max_amount'])}, "
-                 f"currency={e(billing['currency'])}")
-    lines.append(f"runtime: execution={runtime['execution']}, "
-                 f"docker_image={e(runtime.get('docker_image', '-'))}")
+    lines.append(
+        f"billing: enabled={'true' if billing['enabled'] else 'false'}, "
+        f"mode={e(billing['mode'])}, max_amount={js_number(billing['max_amount'])}, "
+        f"currency={e(billing['currency'])}"
+    )
+    lines.append(
+        f"runtime: execution={runtime['execution']}, "
+        f"docker_image={e(runtime.get('docker_image', '-'))}"
+    )
     return "\n".join(lines)
 
 
@@ -3467,8 +3584,11 @@ def secret_values(env, input_obj=None) -> list[str]:
     """
     found = set()
     for name, value in env.items():
-        if (_SECRET_ENV_RE.search(name) and not name.startswith(_BENIGN_ENV_PREFIXES)
-                and js_trim(value)):
+        if (
+            _SECRET_ENV_RE.search(name)
+            and not name.startswith(_BENIGN_ENV_PREFIXES)
+            and js_trim(value)
+        ):
             found.add(value)
     stack = [(None, input_obj)] if input_obj is not None else []
     while stack:
@@ -3480,7 +3600,9 @@ def secret_values(env, input_obj=None) -> list[str]:
             stack.extend((key, v) for v in item)
         elif secret_key and isinstance(item, str) and js_trim(item):
             found.add(item)
-    return sorted((v for v in found if len(v) >= SECRET_MIN_LENGTH), key=len, reverse=True)
+    return sorted(
+        (v for v in found if len(v) >= SECRET_MIN_LENGTH), key=len, reverse=True
+    )
 
 
 def redact_text(text: str, secrets_list: list[str]) -> str:
@@ -3494,8 +3616,10 @@ def redact_text(text: str, secrets_list: list[str]) -> str:
 def redact(value, secrets_list: list[str]):
     """A redacted copy: secret-named keys masked whole, secrets masked in text."""
     if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_KEY_RE.search(str(k)) else redact(v, secrets_list)
-                for k, v in value.items()}
+        return {
+            k: REDACTED if _SECRET_KEY_RE.search(str(k)) else redact(v, secrets_list)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redact(v, secrets_list) for v in value]
     if isinstance(value, str):
@@ -3508,14 +3632,27 @@ def redact(value, secrets_list: list[str]):
 
 def _new_log(execution_id: str, started_at: str, spell_id: str, version: str) -> dict:
     return {
-        "execution_id": execution_id, "started_at": started_at, "finished_at": started_at,
-        "id": spell_id, "version": version, "input": {},
-        "summary": {"risk": "low",
-                    "billing": {"enabled": False, "mode": "none", "currency": "USD",
-                                "max_amount": 0},
-                    "runtime": {"execution": "host", "platforms": []},
-                    "license": {"licensed": False}},
-        "steps": [], "outputs": {}, "checks": [], "success": False,
+        "execution_id": execution_id,
+        "started_at": started_at,
+        "finished_at": started_at,
+        "id": spell_id,
+        "version": version,
+        "input": {},
+        "summary": {
+            "risk": "low",
+            "billing": {
+                "enabled": False,
+                "mode": "none",
+                "currency": "USD",
+                "max_amount": 0,
+            },
+            "runtime": {"execution": "host", "platforms": []},
+            "license": {"licensed": False},
+        },
+        "steps": [],
+        "outputs": {},
+        "checks": [],
+        "success": False,
     }
 
 
@@ -3542,7 +3679,9 @@ def write_log(log: dict, secrets_list: list[str]) -> str:
                 return path
             except FileExistsError:
                 # Taken (vanishingly rare with the random suffix): draw another.
-                log["execution_id"] = log["execution_id"][:-9] + f"{secrets.token_hex(2)}.json"
+                log["execution_id"] = (
+                    log["execution_id"][:-9] + f"{secrets.token_hex(2)}.json"
+                )
     finally:
         try:
             os.unlink(tmp)
@@ -3551,12 +3690,19 @@ def write_log(log: dict, secrets_list: list[str]) -> str:
 
 
 def _cast_options(args) -> dict:
-    return {"id": args.id, "version": args.version, "params": list(args.param or []),
-            "input_file": args.input, "dry_run": args.dry_run, "yes": args.yes,
-            "allow_billing": args.allow_billing,
-            "require_signature": args.require_signature,
-            "allow_unsigned": args.allow_unsigned, "verbose": args.verbose,
-            "profile": args.profile}
+    return {
+        "id": args.id,
+        "version": args.version,
+        "params": list(args.param or []),
+        "input_file": args.input,
+        "dry_run": args.dry_run,
+        "yes": args.yes,
+        "allow_billing": args.allow_billing,
+        "require_signature": args.require_signature,
+        "allow_unsigned": args.allow_unsigned,
+        "verbose": args.verbose,
+        "profile": args.profile,
+    }
 
 
 def cast(opts: dict, io) -> dict:
@@ -3571,14 +3717,25 @@ def cast(opts: dict, io) -> dict:
     env = io.env
     started_at = iso_now()
     requested_version = opts.get("version")
-    log = _new_log(execution_id_for(opts["id"], requested_version or "latest"), started_at,
-                   opts["id"], requested_version or "latest")
+    log = _new_log(
+        execution_id_for(opts["id"], requested_version or "latest"),
+        started_at,
+        opts["id"],
+        requested_version or "latest",
+    )
     secrets_list = secret_values(env)
-    outcome = {"ok": False, "execution_id": None, "log_path": None, "error": None,
-               "error_code": None}
+    outcome = {
+        "ok": False,
+        "execution_id": None,
+        "log_path": None,
+        "error": None,
+        "error_code": None,
+    }
     restore = _trap_sigterm()
     try:
         _cast_pipeline(opts, io, log, env, secrets_list)
+        # Only the execution is interruptible: the log is written whole.
+        restore()
         log["success"] = True
         log["finished_at"] = iso_now()
         secrets_list = secret_values(env, log.get("input"))
@@ -3605,8 +3762,11 @@ def cast(opts: dict, io) -> dict:
     secrets_list = secret_values(env, log.get("input"))
     log["finished_at"] = iso_now()
     log["error"] = message
-    outcome.update(error=redact_text(message, secrets_list), error_code=code,
-                   execution_id=log["execution_id"])
+    outcome.update(
+        error=redact_text(message, secrets_list),
+        error_code=code,
+        execution_id=log["execution_id"],
+    )
     try:
         outcome["log_path"] = write_log(log, secrets_list)
     except OSError as exc:
@@ -3627,7 +3787,14 @@ def _trap_sigterm():
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    restored = []
+
+    def restore() -> None:
+        if not restored:
+            restored.append(True)
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
@@ -3635,13 +3802,18 @@ def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
     bundle_dir, manifest = resolve_installed(opts["id"], opts.get("version"))
     log["execution_id"] = execution_id_for(manifest["id"], manifest["version"])
     log["id"], log["version"] = manifest["id"], manifest["version"]
-    log["summary"] = {"risk": manifest["risk"], "billing": manifest["billing"],
-                      "runtime": manifest["runtime"], "license": {"licensed": False}}
+    log["summary"] = {
+        "risk": manifest["risk"],
+        "billing": manifest["billing"],
+        "runtime": manifest["runtime"],
+        "license": {"licensed": False},
+    }
 
     publisher = publisher_from_id(manifest["id"])
     policy = load_policy()
-    reason = policy and evaluate_policy(policy, publisher, manifest["risk"],
-                                        manifest["runtime"]["execution"])
+    reason = policy and evaluate_policy(
+        policy, publisher, manifest["risk"], manifest["runtime"]["execution"]
+    )
     if reason:
         raise PolicyDenied(f"policy denied: {reason}")
 
@@ -3656,8 +3828,10 @@ def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
     merged = build_input(base, opts.get("params") or [])
     size = len(spell_runner.dumps_js(merged).encode("utf-8"))
     if size > limits["input_max_bytes"]:
-        raise CastError(f"merged input is {size} bytes, exceeds "
-                        f"SPELL_RUNTIME_INPUT_MAX_BYTES={limits['input_max_bytes']}")
+        raise CastError(
+            f"merged input is {size} bytes, exceeds "
+            f"SPELL_RUNTIME_INPUT_MAX_BYTES={limits['input_max_bytes']}"
+        )
     log["input"] = merged
     validate_input(load_schema(bundle_dir, manifest), merged)
 
@@ -3686,11 +3860,26 @@ def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
     if opts.get("dry_run"):
         return
     if docker is not None:
-        result = run_in_docker(manifest, bundle_dir, merged, limits, docker, env, io,
-                               verbose=bool(opts.get("verbose")))
+        result = run_in_docker(
+            manifest,
+            bundle_dir,
+            merged,
+            limits,
+            docker,
+            env,
+            io,
+            verbose=bool(opts.get("verbose")),
+        )
     else:
-        result = _run_on_host(manifest, bundle_dir, merged, limits, env, io,
-                              verbose=bool(opts.get("verbose")))
+        result = _run_on_host(
+            manifest,
+            bundle_dir,
+            merged,
+            limits,
+            env,
+            io,
+            verbose=bool(opts.get("verbose")),
+        )
     log["steps"] = result.get("stepResults", [])
     log["outputs"] = result.get("outputs", {})
     log["checks"] = result.get("checks", [])
@@ -3722,21 +3911,39 @@ def _progress_printer(io, secrets_list: list):
     return on_event
 
 
-def _run_on_host(manifest: dict, bundle_dir: str, merged: dict, limits: dict, env, io,
-                 *, verbose: bool) -> dict:
+def _run_on_host(
+    manifest: dict,
+    bundle_dir: str,
+    merged: dict,
+    limits: dict,
+    env,
+    io,
+    *,
+    verbose: bool,
+) -> dict:
     import tempfile
 
     workdir = tempfile.mkdtemp(prefix="spell-input-")  # 0700
     try:
         input_path = os.path.join(workdir, "input.json")
-        fd = os.open(input_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+        fd = os.open(
+            input_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE
+        )
         with os.fdopen(fd, "wb") as handle:
             handle.write(spell_runner.dumps_js(merged).encode("utf-8"))
-        plan = {"bundle_dir": bundle_dir, "steps": manifest["steps"],
-                "checks": manifest["checks"], "input": merged, "input_path": input_path,
-                "env": step_environment(env), "step_timeout_ms": limits["step_timeout_ms"],
-                "execution_timeout_ms": limits["execution_timeout_ms"]}
-        on_event = _progress_printer(io, secret_values(env, merged)) if verbose else None
+        plan = {
+            "bundle_dir": bundle_dir,
+            "steps": manifest["steps"],
+            "checks": manifest["checks"],
+            "input": merged,
+            "input_path": input_path,
+            "env": step_environment(env),
+            "step_timeout_ms": limits["step_timeout_ms"],
+            "execution_timeout_ms": limits["execution_timeout_ms"],
+        }
+        on_event = (
+            _progress_printer(io, secret_values(env, merged)) if verbose else None
+        )
         if verbose:
             io.err(f"[spell] starting host execution of {escape_text(manifest['id'])}")
         return spell_runner.run_plan(plan, on_event=on_event)
@@ -3763,6 +3970,8 @@ DEFAULT_PIDS_LIMIT = 256
 #: After the execution deadline the runner reports itself; the container is
 #: killed if it has not finished this much later.
 DOCKER_KILL_GRACE_S = 1.0
+#: Execution timeouts beyond this (about three years) are no deadline at all.
+DOCKER_TIMER_MAX_S = 1e8
 #: Bound for the ``docker rm -f`` that cleans up.
 DOCKER_CLEANUP_TIMEOUT_S = 20
 #: Exit codes of spell-runner itself (success, spell failure); docker uses others.
@@ -3798,20 +4007,33 @@ def docker_settings(env, image: str) -> dict:
     read_only = js_trim(env.get("SPELL_DOCKER_READ_ONLY", "")) or "1"
     if read_only not in ("0", "1"):
         raise DockerError("SPELL_DOCKER_READ_ONLY must be '1' or '0'")
-    pids = parse_js_integer(env.get("SPELL_DOCKER_PIDS_LIMIT"), "SPELL_DOCKER_PIDS_LIMIT",
-                            0, DEFAULT_PIDS_LIMIT)
+    pids = parse_js_integer(
+        env.get("SPELL_DOCKER_PIDS_LIMIT"),
+        "SPELL_DOCKER_PIDS_LIMIT",
+        0,
+        DEFAULT_PIDS_LIMIT,
+    )
     memory = js_trim(env.get("SPELL_DOCKER_MEMORY", ""))
     if memory and not _MEMORY_RE.match(memory):
-        raise DockerError("SPELL_DOCKER_MEMORY must be a positive integer optionally "
-                          "suffixed with b, k, m, or g")
+        raise DockerError(
+            "SPELL_DOCKER_MEMORY must be a positive integer optionally "
+            "suffixed with b, k, m, or g"
+        )
     cpus = js_trim(env.get("SPELL_DOCKER_CPUS", ""))
     if cpus:
         # float() alone would take "1_5", "nan" or other scripts' digits.
         value = float(cpus) if _DECIMAL_RE.match(cpus) else float("nan")
         if not (value > 0 and value != float("inf")):
             raise DockerError("SPELL_DOCKER_CPUS must be a number > 0")
-    return {"image": image, "network": network, "user": user, "read_only": read_only == "1",
-            "pids_limit": pids, "memory": memory, "cpus": cpus}
+    return {
+        "image": image,
+        "network": network,
+        "user": user,
+        "read_only": read_only == "1",
+        "pids_limit": pids,
+        "memory": memory,
+        "cpus": cpus,
+    }
 
 
 def _tmpfs_owner(user: str) -> str:
@@ -3823,21 +4045,45 @@ def _tmpfs_owner(user: str) -> str:
     return f",uid={uid},gid={gid}"
 
 
-def docker_run_args(settings: dict, bundle_dir: str, share_dir: str, name: str,
-                    passed_env: list[str], *, events: bool) -> list[str]:
+def docker_run_args(
+    settings: dict,
+    bundle_dir: str,
+    share_dir: str,
+    name: str,
+    passed_env: list[str],
+    *,
+    events: bool,
+) -> list[str]:
     """The ``docker run`` argument list; environment values never appear in it."""
     for path in (bundle_dir, share_dir):
         if "," in path or ":" in path:
             raise DockerError(f"cannot mount a path holding ',' or ':': {path}")
-    args = ["run", "--rm", "--pull", "never", "--name", name,
-            "--network", settings["network"], "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges",
-            "--tmpfs", f"/tmp:{TMP_TMPFS}",
-            "--tmpfs", f"{CONTAINER_WORKDIR}:{WORKDIR_TMPFS}{_tmpfs_owner(settings['user'])}",
-            "--workdir", CONTAINER_BUNDLE,
-            "-v", f"{bundle_dir}:{CONTAINER_BUNDLE}:ro",
-            "-v", f"{share_dir}:{CONTAINER_INPUT_DIR}:ro",
-            "-e", f"INPUT_JSON={CONTAINER_INPUT_DIR}/input.json"]
+    args = [
+        "run",
+        "--rm",
+        "--pull",
+        "never",
+        "--name",
+        name,
+        "--network",
+        settings["network"],
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--tmpfs",
+        f"/tmp:{TMP_TMPFS}",
+        "--tmpfs",
+        f"{CONTAINER_WORKDIR}:{WORKDIR_TMPFS}{_tmpfs_owner(settings['user'])}",
+        "--workdir",
+        CONTAINER_BUNDLE,
+        "-v",
+        f"{bundle_dir}:{CONTAINER_BUNDLE}:ro",
+        "-v",
+        f"{share_dir}:{CONTAINER_INPUT_DIR}:ro",
+        "-e",
+        f"INPUT_JSON={CONTAINER_INPUT_DIR}/input.json",
+    ]
     if settings["read_only"]:
         args.append("--read-only")
     if settings["user"]:
@@ -3850,8 +4096,13 @@ def docker_run_args(settings: dict, bundle_dir: str, share_dir: str, name: str,
         args += ["--cpus", settings["cpus"]]
     for variable in passed_env:
         args += ["-e", variable]  # the value comes from the client's environment
-    args += ["--", settings["image"], "spell-runner", "--plan",
-             f"{CONTAINER_INPUT_DIR}/plan.json"]
+    args += [
+        "--",
+        settings["image"],
+        "spell-runner",
+        "--plan",
+        f"{CONTAINER_INPUT_DIR}/plan.json",
+    ]
     if events:
         args.append("--events")
     return args
@@ -3875,31 +4126,85 @@ def _docker_failure(stderr: str, code: int, image: str) -> DockerError:
     """Word a failure of docker itself (not of the spell) for the user."""
     text = " ".join(stderr.split())
     lowered = text.lower()
-    if "cannot connect to the docker daemon" in lowered or "error during connect" in lowered \
-            or "is the docker daemon running" in lowered:
+    if (
+        "cannot connect to the docker daemon" in lowered
+        or "error during connect" in lowered
+        or "is the docker daemon running" in lowered
+    ):
         return DockerError(f"docker daemon is not reachable: {text}")
-    if "no such image" in lowered or "unable to find image" in lowered \
-            or "pull access denied" in lowered:
-        return DockerError(f"docker image not found: {image} (build it locally; "
-                           f"see docs/docker.md)")
+    if (
+        "no such image" in lowered
+        or "unable to find image" in lowered
+        or "pull access denied" in lowered
+    ):
+        return DockerError(
+            f"docker image not found: {image} (build it locally; "
+            f"see docs/docker.md)"
+        )
     if code in (126, 127) or "executable file not found" in lowered:
-        return DockerError(f"docker image {image} cannot run spell-runner "
-                           f"(put spell_runner.pyz on its PATH; see docs/docker.md): {text}")
+        return DockerError(
+            f"docker image {image} cannot run spell-runner "
+            f"(put spell_runner.pyz on its PATH; see docs/docker.md): {text}"
+        )
     return DockerError(text or f"docker exited with code {code}")
 
 
 def _docker_cleanup(name: str, client_env: dict) -> None:
     """Kill and remove the container (``rm -f`` does both); errors are ignored."""
     try:
-        subprocess.run(["docker", "rm", "-f", name], env=client_env, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=DOCKER_CLEANUP_TIMEOUT_S)
+        subprocess.run(
+            ["docker", "rm", "-f", name],
+            env=client_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=DOCKER_CLEANUP_TIMEOUT_S,
+        )
     except (OSError, subprocess.TimeoutExpired):
         pass
 
 
-def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
-                  settings: dict, env, io, *, verbose: bool) -> dict:
+def _readable_copy(bundle_dir: str, target: str) -> None:
+    """Copy what the runner reads (spell.yaml, schema.json, steps/) for the container.
+
+    The container's user is not the owner of the installed files, so an
+    owner-only step (0700) or schema (0600) would be unreadable there; the
+    copy is world-readable and keeps only the executable bits.  Symlinks and
+    special files are refused, as install refuses them.
+    """
+
+    def copy(src: str, dst: str) -> None:
+        info = os.lstat(src)
+        if stat.S_ISDIR(info.st_mode):
+            os.mkdir(dst, 0o755)
+            os.chmod(dst, 0o755)
+            for entry in sorted(os.listdir(src)):
+                copy(os.path.join(src, entry), os.path.join(dst, entry))
+        elif stat.S_ISREG(info.st_mode):
+            shutil.copyfile(src, dst, follow_symlinks=False)
+            os.chmod(dst, 0o755 if info.st_mode & 0o111 else 0o644)
+        else:
+            raise DockerError(f"unsupported file type in bundle: {src}")
+
+    os.mkdir(target, 0o755)
+    os.chmod(target, 0o755)
+    for name in ("spell.yaml", "schema.json", "steps"):
+        path = os.path.join(bundle_dir, name)
+        if os.path.lexists(path):
+            copy(path, os.path.join(target, name))
+
+
+def run_in_docker(
+    manifest: dict,
+    bundle_dir: str,
+    merged: dict,
+    limits: dict,
+    settings: dict,
+    env,
+    io,
+    *,
+    verbose: bool,
+) -> dict:
     """Run the steps in a hardened container through ``spell-runner``.
 
     The runner gets a plan (validated manifest parts, input, limits) as JSON
@@ -3921,25 +4226,45 @@ def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
         share = os.path.join(workdir, "share")
         os.mkdir(share, 0o755)
         os.chmod(share, 0o755)  # the container's uid must read it
-        plan = {"bundle_dir": CONTAINER_BUNDLE, "workdir_copy_to": CONTAINER_WORKDIR,
-                "steps": manifest["steps"], "checks": manifest["checks"], "input": merged,
-                "input_path": f"{CONTAINER_INPUT_DIR}/input.json", "env": {},
-                "step_timeout_ms": limits["step_timeout_ms"],
-                "execution_timeout_ms": timeout_ms}
+        plan = {
+            "bundle_dir": CONTAINER_BUNDLE,
+            "workdir_copy_to": CONTAINER_WORKDIR,
+            "steps": manifest["steps"],
+            "checks": manifest["checks"],
+            "input": merged,
+            "input_path": f"{CONTAINER_INPUT_DIR}/input.json",
+            "env": {},
+            "step_timeout_ms": limits["step_timeout_ms"],
+            "execution_timeout_ms": timeout_ms,
+        }
         for filename, value in (("input.json", merged), ("plan.json", plan)):
-            write_atomic(os.path.join(share, filename), spell_runner.dumps_js(value), 0o644)
-        args = docker_run_args(settings, bundle_dir, share, name, sorted(passed),
-                               events=verbose)
-        on_event = _progress_printer(io, secret_values(env, merged)) if verbose else None
+            write_atomic(
+                os.path.join(share, filename), spell_runner.dumps_js(value), 0o644
+            )
+        staged = os.path.join(workdir, "bundle")
+        _readable_copy(bundle_dir, staged)
+        args = docker_run_args(
+            settings, staged, share, name, sorted(passed), events=verbose
+        )
+        on_event = (
+            _progress_printer(io, secret_values(env, merged)) if verbose else None
+        )
         if verbose:
-            io.err(f"[spell] starting docker execution in {escape_text(settings['image'])}")
+            io.err(
+                f"[spell] starting docker execution in {escape_text(settings['image'])}"
+            )
         try:
-            proc = subprocess.Popen(["docker", *args], env=client_env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                ["docker", *args],
+                env=client_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         except FileNotFoundError:
-            raise DockerError("docker not found: install docker and ensure it is on PATH") \
-                from None
+            raise DockerError(
+                "docker not found: install docker and ensure it is on PATH"
+            ) from None
         stderr_lines: list[str] = []
 
         def pump_stderr():
@@ -3959,12 +4284,16 @@ def run_in_docker(manifest: dict, bundle_dir: str, merged: dict, limits: dict,
         limit = None if timeout_ms is None else timeout_ms / 1000 + DOCKER_KILL_GRACE_S
         timer_fired = threading.Event()
         timer = None
-        if limit is not None:
+        # A longer wait overflows the platform's time_t in threading.Timer.
+        if limit is not None and limit < DOCKER_TIMER_MAX_S:
+
             def expire():
                 timer_fired.set()
                 _docker_cleanup(name, client_env)
 
-            timer = threading.Timer(max(0.0, limit - (time.monotonic() - started)), expire)
+            timer = threading.Timer(
+                max(0.0, limit - (time.monotonic() - started)), expire
+            )
             timer.daemon = True
             timer.start()
         try:
@@ -4022,14 +4351,23 @@ def _docker_result(stdout: bytes, code: int, stderr: str, image: str) -> dict:
         raise DockerError("docker runner output must be a JSON object")
     normalised = {
         "success": bool(result.get("success")),
-        "stepResults": result.get("stepResults") if isinstance(result.get("stepResults"), list)
-        else [],
-        "outputs": result.get("outputs") if isinstance(result.get("outputs"), dict) else {},
-        "checks": result.get("checks") if isinstance(result.get("checks"), list) else [],
+        "stepResults": (
+            result.get("stepResults")
+            if isinstance(result.get("stepResults"), list)
+            else []
+        ),
+        "outputs": (
+            result.get("outputs") if isinstance(result.get("outputs"), dict) else {}
+        ),
+        "checks": (
+            result.get("checks") if isinstance(result.get("checks"), list) else []
+        ),
     }
     if not normalised["success"]:
         error = result.get("error")
-        normalised["error"] = error if isinstance(error, str) and error else "docker spell failed"
+        normalised["error"] = (
+            error if isinstance(error, str) and error else "docker spell failed"
+        )
     return normalised
 
 

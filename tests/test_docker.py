@@ -57,13 +57,15 @@ def runner_image(engine, pyz) -> str:
 
 @pytest.fixture
 def spell_cli(run_pyz, store):
-    """``spell_cli(*args, **extra_env)``: spell with a clean environment plus the engine's."""
+    """``spell_cli(*args, **extra_env)``: spell with a clean environment plus the engine's.
+
+    TMPDIR is ``<HOME>/tmp``, so the container's mounts lie under the test's HOME.
+    """
     engine_host = images.engine_env().get("DOCKER_HOST")
 
     def run(*args, timeout=120, **extra_env):
-        env = clean_env(**extra_env)
-        if engine_host and "DOCKER_HOST" not in extra_env:
-            env["DOCKER_HOST"] = engine_host
+        env = cast_env({"DOCKER_HOST": engine_host} if engine_host else {}, store)
+        env.update(extra_env)
         return run_pyz(*args, env=env, timeout=timeout)
 
     return run
@@ -99,8 +101,12 @@ def docker(engine: dict, *args, timeout=60) -> subprocess.CompletedProcess:
     )
 
 
-def containers_of(engine: dict, marker: Path) -> list[dict]:
-    """``docker inspect`` of every ``spell-*`` container that mounts a path under ``marker``."""
+def containers_of(engine: dict, store: Path) -> list[dict]:
+    """``docker inspect`` of every ``spell-*`` container of this test's casts.
+
+    Those mount folders under the test's HOME (its TMPDIR, see ``cast_env``).
+    """
+    marker = store.parent
     ids = docker(engine, "ps", "-aq", "--filter", "name=spell-").stdout.split()
     if not ids:
         return []
@@ -125,10 +131,14 @@ def start_cast(pyz, env: dict, *args) -> subprocess.Popen:
     )
 
 
-def cast_env(engine: dict, **extra) -> dict:
-    env = clean_env(**extra)
+def cast_env(engine: dict, store: Path, **extra) -> dict:
+    """A clean environment with the engine's DOCKER_HOST and TMPDIR under HOME."""
+    tmp = store.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = clean_env(TMPDIR=str(tmp))
     if engine.get("DOCKER_HOST"):
         env["DOCKER_HOST"] = engine["DOCKER_HOST"]
+    env.update(extra)
     return env
 
 
@@ -137,7 +147,7 @@ SLEEPER = "#!/bin/sh\necho started\nsleep 2\n"
 
 def inspect_while_running(engine, pyz, store, *args, **env_vars) -> tuple[dict, tuple]:
     """Start a cast of a sleeping step, inspect its container, then let it finish."""
-    proc = start_cast(pyz, cast_env(engine, **env_vars), *args)
+    proc = start_cast(pyz, cast_env(engine, store, **env_vars), *args)
     try:
         [container] = wait_for(lambda: containers_of(engine, store), timeout=30)
         out = proc.communicate(timeout=60)
@@ -191,16 +201,24 @@ DOCKER_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("name, value, message", DOCKER_ERRORS)
-def test_invalid_docker_settings_fail_before_the_summary(
-    spell_cli, install, tmp_path, name, value, message
-):
+def test_invalid_docker_settings_fail_before_the_summary(spell_cli, install, tmp_path):
     install(copy_fixture("docker", tmp_path / "d"))
-    for flags in (["--dry-run"], []):
+    for n, (name, value, message) in enumerate(DOCKER_ERRORS):
+        # Refused before the summary, and (unlike the original) in a dry run too.
+        flags = ["--dry-run"] if n % 2 else []
         proc = spell_cli(
             "cast", "fixtures/hello-docker", "--allow-unsigned", *flags, **{name: value}
         )
         assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", message + "\n")
+
+
+@pytest.mark.parametrize("name, value, message", DOCKER_ERRORS)
+def test_docker_settings_refuse_what_javascript_refuses(name, value, message):
+    import spell
+
+    with pytest.raises(spell.SpellError) as caught:
+        spell.docker_settings({name: value}, "img:1")
+    assert caught.value.message == message
 
 
 def test_docker_settings_are_checked_in_the_original_order(
@@ -300,15 +318,7 @@ def test_cast_under_default_hardening(
     install(
         copy_fixture("docker", tmp_path / "d", **{"runtime.docker_image": runner_image})
     )
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    proc = spell_cli(
-        "cast",
-        "fixtures/hello-docker",
-        "--allow-unsigned",
-        "--verbose",
-        TMPDIR=str(tmp),
-    )
+    proc = spell_cli("cast", "fixtures/hello-docker", "--allow-unsigned", "--verbose")
     assert proc.returncode == 0, proc.stderr
     fields = stdout_fields(proc.stdout)
     assert proc.stdout.endswith(
@@ -326,6 +336,7 @@ def test_cast_under_default_hardening(
         {"type": "exit_code", "success": True, "message": "all steps succeeded"}
     ]
     assert "[hello:stdout] hello-docker uid=65532" in proc.stderr
+    tmp = store.parent / "tmp"
     assert list(tmp.iterdir()) == [], "the input folder was left behind"
     assert containers_of(engine, store) == []
 
@@ -409,7 +420,7 @@ def test_connector_token_reaches_the_step_but_no_command_line(
 ):
     script = (
         '#!/bin/sh\nprintf %s "$CONNECTOR_GITHUB_TOKEN" | sha256sum | cut -c1-64\n'
-        "sleep 3\n"
+        "sleep 2\n"
     )
     install(
         docker_bundle(
@@ -422,14 +433,14 @@ def test_connector_token_reaches_the_step_but_no_command_line(
     token = "ghs-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:24]
     proc = start_cast(
         pyz,
-        cast_env(engine, CONNECTOR_GITHUB_TOKEN=token),
+        cast_env(engine, store, CONNECTOR_GITHUB_TOKEN=token),
         "dk/spell",
         "--allow-unsigned",
     )
     try:
         wait_for(lambda: containers_of(engine, store), timeout=30)
         # Let the runner and the step start, then look at every command line.
-        time.sleep(1.0)
+        time.sleep(0.5)
         leaks = [line for line in all_cmdlines() if token.encode() in line]
         out, err = proc.communicate(timeout=60)
     finally:
@@ -543,7 +554,7 @@ def test_sigterm_removes_the_container(
     engine, runner_image, pyz, install, store, tmp_path
 ):
     install(docker_bundle(tmp_path / "b", runner_image, "#!/bin/sh\nsleep 30\n"))
-    proc = start_cast(pyz, cast_env(engine), "dk/spell", "--allow-unsigned")
+    proc = start_cast(pyz, cast_env(engine, store), "dk/spell", "--allow-unsigned")
     try:
         wait_for(lambda: containers_of(engine, store), timeout=30)
         proc.terminate()
@@ -554,3 +565,107 @@ def test_sigterm_removes_the_container(
             proc.wait()
     assert (proc.returncode, err) == (1, "cast interrupted\n")
     wait_for(lambda: containers_of(engine, store) == [], timeout=10)
+
+
+def test_run_arguments_carry_names_not_values():
+    import spell
+
+    settings = spell.docker_settings({}, "img:1")
+    manifest = {"permissions": [{"connector": "git-hub", "scopes": []}]}
+    env = {
+        "CONNECTOR_GIT_HUB_TOKEN": "tok-value-123",
+        "SPELL_RUNTIME_STEP_TIMEOUT_MS": " 750 ",
+    }
+    passed = spell._passed_environment(manifest, env)
+    assert passed == {
+        "CONNECTOR_GIT_HUB_TOKEN": "tok-value-123",
+        "SPELL_RUNTIME_STEP_TIMEOUT_MS": "750",
+    }
+    args = spell.docker_run_args(
+        settings, "/b/1.0.0", "/t/share", "spell-x", sorted(passed), events=False
+    )
+    assert "tok-value-123" not in " ".join(args)
+    assert args[args.index("CONNECTOR_GIT_HUB_TOKEN") - 1] == "-e"
+    for flag in (
+        ["--network", "none"],
+        ["--cap-drop", "ALL"],
+        ["--read-only"],
+        ["--security-opt", "no-new-privileges"],
+        ["--user", "65532:65532"],
+        ["--pids-limit", "256"],
+        ["--tmpfs", "/tmp:rw,noexec,nosuid,size=64m"],
+        ["-v", "/b/1.0.0:/spell:ro"],
+        ["--name", "spell-x"],
+    ):
+        start = args.index(flag[0])
+        assert args[start : start + len(flag)] == flag
+    assert args[:2] == ["run", "--rm"]
+    # The image comes after "--", so it is never read as an option.
+    assert args[args.index("--") + 1] == "img:1"
+    assert args[-3:] == ["spell-runner", "--plan", "/tmp/spell-input/plan.json"]
+    with pytest.raises(spell.SpellError):
+        spell.docker_run_args(settings, "/b:c/1.0.0", "/t", "n", [], events=False)
+
+
+def test_huge_execution_timeout_is_no_deadline(
+    engine, runner_image, spell_cli, install, store, tmp_path
+):
+    install(docker_bundle(tmp_path / "b", runner_image, "#!/bin/sh\necho fine\n"))
+    proc = spell_cli(
+        "cast",
+        "dk/spell",
+        "--allow-unsigned",
+        SPELL_RUNTIME_EXECUTION_TIMEOUT_MS="1e20",
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert latest_log(store)["outputs"]["step.hello.stdout"] == "fine\n"
+
+
+def test_owner_only_files_are_readable_in_the_container(
+    engine, runner_image, spell_cli, install, store, tmp_path
+):
+    bundle = docker_bundle(tmp_path / "b", runner_image, "#!/bin/sh\necho private ok\n")
+    (bundle / "steps" / "hello.sh").chmod(0o700)
+    (bundle / "schema.json").chmod(0o600)
+    install(bundle)
+    proc = spell_cli("cast", "dk/spell", "--allow-unsigned")
+    assert proc.returncode == 0, proc.stderr
+    assert latest_log(store)["outputs"]["step.hello.stdout"] == "private ok\n"
+
+
+def test_docker_platform_is_linux_with_the_host_arch(spell_cli, install, tmp_path):
+    import spell
+
+    host = spell.host_platform()
+    arch = host.split("/")[1]
+    target = "linux/" + ("amd64" if arch == "x64" else arch)
+    install(
+        copy_fixture("docker", tmp_path / "d", **{"runtime.platforms": ["plan9/mips"]})
+    )
+    proc = spell_cli("cast", "fixtures/hello-docker", "--allow-unsigned")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (
+        f"platform mismatch: host={host}, runtime=docker, target={target}, "
+        "spell supports=plan9/mips\n"
+    )
+
+
+def test_checks_run_in_the_container_work_folder(
+    engine, runner_image, spell_cli, install, store, tmp_path
+):
+    runtime = {
+        "execution": "docker",
+        "platforms": ["linux/amd64", "linux/arm64"],
+        "docker_image": runner_image,
+    }
+    install(copy_fixture("multi-check", tmp_path / "m", runtime=runtime))
+    proc = spell_cli("cast", "fixtures/multi-check", "--allow-unsigned")
+    assert proc.returncode == 0, proc.stderr
+    assert latest_log(store)["checks"] == [
+        {"type": "exit_code", "success": True, "message": "all steps succeeded"},
+        {
+            "type": "file_exists",
+            "success": True,
+            "message": "file exists: /spell-work/artifacts/out.txt",
+        },
+    ]
