@@ -110,6 +110,10 @@ PLAN_MAX_BYTES = 64 * 1024 * 1024
 #: Size of one read from a step's pipe (the default Linux pipe buffer size).
 READ_CHUNK_BYTES = 64 * 1024
 
+#: ``output`` events carry whole lines; a longer line is sent in pieces of this
+#: many characters.
+EVENT_LINE_MAX_CHARS = 64 * 1024
+
 #: How often to look for the step's exit when no pidfd is available.
 EXIT_POLL_S = 0.02
 
@@ -1063,21 +1067,46 @@ def _mask_cut(head: str, tail: str, secrets: list[str] | tuple) -> tuple[str, st
     return head, tail
 
 
-def _output_listener(ctx: _Context, name: str) -> Callable[[str, bytes], None] | None:
-    """Turn raw pipe chunks into ``output`` events, decoding each stream as it comes."""
-    if ctx.on_event is None:
-        return None
-    decoders = {
-        stream: codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for stream in ("stdout", "stderr")
-    }
+class _OutputEvents:
+    """Turns raw pipe chunks into ``output`` events of whole lines.
 
-    def listen(stream: str, data: bytes) -> None:
-        text = decoders[stream].decode(data)
+    Each stream is decoded as it comes and sent a line (or several) at a time:
+    a secret the step writes in two pieces reaches the listener, which masks
+    secrets, in one. Text without a newline waits until one comes, until it
+    reaches EVENT_LINE_MAX_CHARS, or until ``flush`` at the end of the step.
+    """
+
+    def __init__(self, ctx: _Context, name: str) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.decoders = {
+            stream: codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for stream in ("stdout", "stderr")
+        }
+        self.pending = {"stdout": "", "stderr": ""}
+
+    def __call__(self, stream: str, data: bytes) -> None:
+        text = self.pending[stream] + self.decoders[stream].decode(data)
+        cut = text.rfind("\n") + 1
+        if not cut and len(text) >= EVENT_LINE_MAX_CHARS:
+            cut = len(text)
+        self._send(stream, text[:cut])
+        self.pending[stream] = text[cut:]
+
+    def flush(self) -> None:
+        for stream, decoder in self.decoders.items():
+            self._send(stream, self.pending[stream] + decoder.decode(b"", final=True))
+            self.pending[stream] = ""
+
+    def _send(self, stream: str, text: str) -> None:
         if text:
-            ctx.emit({"event": "output", "step": name, "stream": stream, "text": text})
+            event = {"event": "output", "step": self.name, "stream": stream}
+            self.ctx.emit(dict(event, text=text))
 
-    return listen
+
+def _output_listener(ctx: _Context, name: str) -> _OutputEvents | None:
+    """The ``output`` event source of a step, or None without a listener."""
+    return _OutputEvents(ctx, name) if ctx.on_event is not None else None
 
 
 def _shell_step(step: dict, ctx: _Context) -> _Outcome:
@@ -1091,14 +1120,15 @@ def _shell_step(step: dict, ctx: _Context) -> _Outcome:
         capped = True
     path = os.path.join(ctx.bundle_dir, step["run"])
     started_at = iso_now()
+    events = _output_listener(ctx, name)
     try:
-        proc = _run_process(
-            path, ctx.bundle_dir, ctx.env, limit_ms / 1000, _output_listener(ctx, name)
-        )
+        proc = _run_process(path, ctx.bundle_dir, ctx.env, limit_ms / 1000, events)
     except OSError as exc:
         error = f"failed to execute shell step '{name}': {exc.strerror or exc}"
         record = _shell_record(step, started_at, None, "", "", error)
         return _Outcome(record, None, error)
+    if events is not None:
+        events.flush()
     stdout = proc.stdout.text(ctx.redact)
     stderr = proc.stderr.text(ctx.redact)
     code = proc.returncode
@@ -1835,6 +1865,10 @@ def _write_line(stream: Any, text: str) -> None:
         stream.flush()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _print_event(event: dict) -> None:
     _write_line(sys.stderr, dumps_js(event))
 
@@ -1855,6 +1889,18 @@ def main(argv: list[str] | None = None) -> int:
         _write_line(sys.stderr, USAGE)
         return 1
     plan_path, events = parsed
+    if threading.current_thread() is not threading.main_thread():
+        return _run_main(plan_path, events)
+    # SIGTERM stops the run like Ctrl-C: the step's processes are killed first.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run_main(plan_path, events)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run_main(plan_path: str, events: bool) -> int:
+    """Read, check and run the plan and print its result (``main`` minus signals)."""
     try:
         plan = _read_plan(plan_path)
         _check_plan(plan)
@@ -1865,6 +1911,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except PlanError as exc:
         _write_line(sys.stderr, _one_line(f"spell-runner: {exc}"))
+        return 1
+    except KeyboardInterrupt:
+        _write_line(sys.stderr, "spell-runner: interrupted")
         return 1
     except Exception as exc:  # a bug: one line, never a traceback with secrets
         _write_line(sys.stderr, _one_line(f"spell-runner: internal error: {exc!r}"))
