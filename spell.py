@@ -1545,6 +1545,9 @@ HASH_CHUNK_BYTES = 1024 * 1024
 PRIVATE_KEY_MAX_BYTES = 64 * 1024
 ED25519_SIGNATURE_BYTES = 64
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+#: Edwards25519 (RFC 8032, section 5.1): the field prime and the curve's d.
+_ED25519_P = 2**255 - 19
+_ED25519_D = -121665 * pow(121666, -1, _ED25519_P) % _ED25519_P
 
 
 class KeyInvalid(SpellError):
@@ -1670,7 +1673,41 @@ def _ed25519_public_key(text: str):
         raise KeyInvalid(_crypto_detail(exc)) from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise KeyInvalid(f"expected an Ed25519 key, got {_key_type_name(key)}")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if _weak_ed25519_point(raw):
+        raise KeyInvalid("weak Ed25519 key (a point of small order)")
     return key
+
+
+def _weak_ed25519_point(raw: bytes) -> bool:
+    """True for an encoded public key that must not be trusted.
+
+    That is a point of order 1, 2, 4 or 8 (the identity among them) or a
+    non-canonical encoding. For such a key the signature (R = the identity,
+    S = 0) verifies for every message, and OpenSSL accepts it, so whoever
+    holds no key at all could sign as the publisher or issuer. The point is
+    decoded as RFC 8032 section 5.1.3 says and multiplied by the cofactor 8.
+    """
+    p, d = _ED25519_P, _ED25519_D
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    sign = raw[31] >> 7
+    if y >= p:
+        return True
+    u, v = (y * y - 1) % p, (d * y * y + 1) % p
+    x = u * pow(v, 3, p) * pow(u * pow(v, 7, p), (p - 5) // 8, p) % p
+    if (v * x * x - u) % p:
+        x = x * pow(2, (p - 1) // 4, p) % p
+    if (v * x * x - u) % p:
+        return False  # not a point: no signature verifies with it
+    if x == 0 and sign:
+        return True
+    if x & 1 != sign:
+        x = p - x
+    for _ in range(3):  # doubling on -x^2 + y^2 = 1 + d x^2 y^2
+        t = d * x * x * y * y % p
+        x, y = (2 * x * y * pow(1 + t, -1, p) % p,
+                (y * y + x * x) * pow(1 - t, -1, p) % p)
+    return x == 0 and y == 1
 
 
 def _ed25519_private_key(pem: bytes):

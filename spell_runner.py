@@ -82,6 +82,9 @@ OUTPUT_TAIL_BYTES = 512 * 1024
 #: Characters of stdout/stderr kept in a step result (``stdout_head``).
 RESULT_HEAD_CHARS = 200
 
+#: What masked text reads (the host's redaction marker).
+REDACTED = "[REDACTED]"
+
 #: Defaults used when the plan leaves the value out.
 DEFAULT_STEP_TIMEOUT_MS = 60_000
 DEFAULT_HTTP_TIMEOUT_MS = 30_000
@@ -94,12 +97,22 @@ HTTP_STEP_FILE_MAX_BYTES = 1024 * 1024
 #: generous for an API answer and bounds memory and log size.
 HTTP_RESPONSE_MAX_BYTES = 10 * 1024 * 1024
 
+#: A response body parsed as JSON becomes an output that the host walks
+#: recursively (redaction) and, in docker mode, reads back inside the result
+#: with a depth limit of its own; deeper bodies are kept as text. Real API
+#: answers are a few levels deep.
+RESPONSE_JSON_MAX_DEPTH = 100
+
 #: The plan carries the input (capped by the host, 64 KiB by default but
 #: configurable) and the step environment; 64 MiB leaves room for both.
 PLAN_MAX_BYTES = 64 * 1024 * 1024
 
 #: Size of one read from a step's pipe (the default Linux pipe buffer size).
 READ_CHUNK_BYTES = 64 * 1024
+
+#: ``output`` events carry whole lines; a longer line is sent in pieces of this
+#: many characters.
+EVENT_LINE_MAX_CHARS = 64 * 1024
 
 #: How often to look for the step's exit when no pidfd is available.
 EXIT_POLL_S = 0.02
@@ -111,6 +124,10 @@ DRAIN_GRACE_S = 0.5
 
 #: Bound for killing and reaping the step's leftover processes.
 REAP_GRACE_S = 2.0
+
+#: How often the clean-up after a step starts over when signal handlers keep
+#: interrupting it (see ``_uninterrupted``).
+CLEANUP_ATTEMPTS = 20
 
 #: Extra wait for the http worker thread beyond the socket timeout, so a
 #: request that times out in the socket reports its own error first.
@@ -163,7 +180,11 @@ UNDEFINED = _Undefined()
 
 # JavaScript-compatible formatting #####################################################
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Characters ``JSON.stringify`` leaves raw that are escaped here: lone
+#: surrogates (not encodable), DEL and the C1 controls (a terminal may act on
+#: U+009B, the one-byte CSI, when `spell log` prints a log). The JSON text
+#: stays equal in value.
+_RAW_UNSAFE = re.compile("[\x7f-\x9f\ud800-\udfff]")
 
 
 class _EndMarker:
@@ -217,10 +238,10 @@ def _js_number(value: int | float) -> str:
 
 
 def _js_quote(text: str) -> str:
-    """Quote a string as ``JSON.stringify`` does (lone surrogates escaped)."""
+    """Quote a string as ``JSON.stringify`` does, escaping ``_RAW_UNSAFE`` too."""
     quoted = json.dumps(text, ensure_ascii=False)
-    if _SURROGATE.search(quoted):
-        quoted = _SURROGATE.sub(lambda m: "\\u%04x" % ord(m.group()), quoted)
+    if _RAW_UNSAFE.search(quoted):
+        quoted = _RAW_UNSAFE.sub(lambda m: "\\u%04x" % ord(m.group()), quoted)
     return quoted
 
 
@@ -258,8 +279,9 @@ def dumps_js(value: Any, *, indent: int | None = None) -> str:
     Compact without spaces when ``indent`` is None or 0; otherwise one member
     per line, with empty objects and arrays kept as ``{}`` and ``[]``. Numbers
     use JavaScript's formatting (``1.0`` -> ``1``, ``1e+21``), NaN and infinities
-    become ``null``, non-ASCII text is not escaped, dict order is kept, and
-    ``UNDEFINED`` members of a dict are left out (in a list they become
+    become ``null``, non-ASCII text is not escaped (except DEL, the C1
+    controls and lone surrogates, written as ``\\uXXXX``), dict order is kept,
+    and ``UNDEFINED`` members of a dict are left out (in a list they become
     ``null``; at the top level the result is ``null``). Tuples are arrays.
 
     The walk is iterative, so any nesting depth works without RecursionError.
@@ -710,13 +732,18 @@ class _CappedBuffer:
             del self.tail[:excess]
             self.dropped += excess
 
-    def text(self) -> str:
-        """The kept bytes as text, with a marker line where the middle was cut."""
+    def text(self, secrets: list[str] | tuple = ()) -> str:
+        """The kept bytes as text, with a marker line where the middle was cut.
+
+        Where the cut runs through one of ``secrets``, the part left on either
+        side is masked (the host masks whole secrets, not pieces of them).
+        """
         if not self.dropped:
             # Nothing was cut, so decode in one piece: no character is split.
             return (self.head + self.tail).decode("utf-8", errors="replace")
         head = self.head.decode("utf-8", errors="replace")
         tail = self.tail.decode("utf-8", errors="replace")
+        head, tail = _mask_cut(head, tail, secrets)
         return f"{head}\n[spell: {self.dropped} bytes of output cut]\n{tail}"
 
 
@@ -816,19 +843,55 @@ def _run_process(
             for key, _ in selector.select(left):
                 _read_pipe(key.fd, buffers, selector, on_output)
     finally:
-        selector.close()
-        if pidfd is not None:
-            os.close(pidfd)
-        with _LIVE_STEPS_LOCK:
-            _LIVE_STEPS.discard(proc.pid)
-        if proc.returncode is None:
-            _kill(proc.pid, group=True)
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        _sweep(proc.pid, before, leader_reaped=True)
+        open_fds = [pidfd] if pidfd is not None else []
+
+        def clean_up() -> None:
+            selector.close()
+            while open_fds:
+                os.close(open_fds.pop())
+            with _LIVE_STEPS_LOCK:
+                _LIVE_STEPS.discard(proc.pid)
+            if proc.returncode is None:
+                _kill(proc.pid, group=True)
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+            _sweep(proc.pid, before, leader_reaped=True)
+
+        # A second Ctrl-C or SIGTERM must not cut the sweep short.
+        _uninterrupted(clean_up)
     return result
+
+
+def _uninterrupted(func: Callable[[], None]) -> None:
+    """Run the clean-up ``func`` to its end even when SIGINT or SIGTERM arrive.
+
+    Both are held back in this thread while it runs, and ``func`` is started
+    again (it must be safe to repeat) if a handler still raises through
+    another thread; the first such exception is raised once it is done.
+    Python runs signal handlers between bytecodes, so without this a handler
+    raising KeyboardInterrupt half-way through a sweep would leave the
+    processes it had not reached yet running.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, OSError, ValueError):
+        previous = None
+    pending: BaseException | None = None
+    try:
+        for _ in range(CLEANUP_ATTEMPTS):
+            try:
+                func()
+                break
+            except (KeyboardInterrupt, SystemExit) as exc:
+                pending = pending or exc
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if pending is not None:
+        raise pending
 
 
 def _read_pipe(
@@ -877,6 +940,12 @@ class _Context:
             plan.get("http_timeout_ms") or DEFAULT_HTTP_TIMEOUT_MS
         )
         self.workdir_copy_to: str | None = plan.get("workdir_copy_to") or None
+        # Longest first, so a secret that holds another is masked whole.
+        self.redact: list[str] = sorted(
+            {value for value in plan.get("redact") or [] if value},
+            key=len,
+            reverse=True,
+        )
         self.on_event = on_event
 
     def remaining_ms(self) -> float | None:
@@ -885,6 +954,18 @@ class _Context:
             return None
         elapsed_ms = (time.monotonic() - self.started) * 1000
         return self.execution_timeout_ms - elapsed_ms
+
+    def check_bound(self) -> tuple[float, str | None]:
+        """(seconds an http_status check may take, its error if that is the deadline).
+
+        Checks never run past the execution deadline: the bound is the http
+        timeout or what is left before the deadline, whichever is shorter.
+        """
+        remaining = self.remaining_ms()
+        if remaining is None or remaining >= self.http_timeout_ms:
+            return self.http_timeout_ms / 1000, None
+        late = f"cast execution timed out after {self.execution_timeout_ms}ms"
+        return max(remaining, 1) / 1000, late
 
     def deadline_message(self, step_name: str) -> str:
         return (
@@ -936,6 +1017,9 @@ def _check_plan(plan: Any) -> None:
     expect("execution_timeout_ms", (int,))
     expect("http_timeout_ms", (int,))
     expect("workdir_copy_to", (str,))
+    expect("redact", (list,))
+    if not all(isinstance(value, str) for value in plan.get("redact") or []):
+        raise PlanError("plan.redact must be a list of strings")
     for key in ("step_timeout_ms", "http_timeout_ms"):
         if plan.get(key) is not None and plan[key] < 1:
             raise PlanError(f"plan.{key} must be >= 1")
@@ -961,21 +1045,68 @@ def _head(text: str) -> str:
     return text[:RESULT_HEAD_CHARS]
 
 
-def _output_listener(ctx: _Context, name: str) -> Callable[[str, bytes], None] | None:
-    """Turn raw pipe chunks into ``output`` events, decoding each stream as it comes."""
-    if ctx.on_event is None:
-        return None
-    decoders = {
-        stream: codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for stream in ("stdout", "stderr")
-    }
+def _mask(text: str, secrets: list[str] | tuple) -> str:
+    """``text`` with every occurrence of each secret (longest first) masked."""
+    for value in secrets:
+        if value in text:
+            text = text.replace(value, REDACTED)
+    return text
 
-    def listen(stream: str, data: bytes) -> None:
-        text = decoders[stream].decode(data)
+
+def _mask_cut(head: str, tail: str, secrets: list[str] | tuple) -> tuple[str, str]:
+    """Mask the pieces of a secret that a cut between ``head`` and ``tail`` split."""
+    for value in secrets:
+        for size in range(len(value) - 1, 1, -1):
+            if head.endswith(value[:size]):
+                head = head[:-size] + REDACTED
+                break
+        for size in range(len(value) - 1, 1, -1):
+            if tail.startswith(value[-size:]):
+                tail = REDACTED + tail[size:]
+                break
+    return head, tail
+
+
+class _OutputEvents:
+    """Turns raw pipe chunks into ``output`` events of whole lines.
+
+    Each stream is decoded as it comes and sent a line (or several) at a time:
+    a secret the step writes in two pieces reaches the listener, which masks
+    secrets, in one. Text without a newline waits until one comes, until it
+    reaches EVENT_LINE_MAX_CHARS, or until ``flush`` at the end of the step.
+    """
+
+    def __init__(self, ctx: _Context, name: str) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.decoders = {
+            stream: codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for stream in ("stdout", "stderr")
+        }
+        self.pending = {"stdout": "", "stderr": ""}
+
+    def __call__(self, stream: str, data: bytes) -> None:
+        text = self.pending[stream] + self.decoders[stream].decode(data)
+        cut = text.rfind("\n") + 1
+        if not cut and len(text) >= EVENT_LINE_MAX_CHARS:
+            cut = len(text)
+        self._send(stream, text[:cut])
+        self.pending[stream] = text[cut:]
+
+    def flush(self) -> None:
+        for stream, decoder in self.decoders.items():
+            self._send(stream, self.pending[stream] + decoder.decode(b"", final=True))
+            self.pending[stream] = ""
+
+    def _send(self, stream: str, text: str) -> None:
         if text:
-            ctx.emit({"event": "output", "step": name, "stream": stream, "text": text})
+            event = {"event": "output", "step": self.name, "stream": stream}
+            self.ctx.emit(dict(event, text=text))
 
-    return listen
+
+def _output_listener(ctx: _Context, name: str) -> _OutputEvents | None:
+    """The ``output`` event source of a step, or None without a listener."""
+    return _OutputEvents(ctx, name) if ctx.on_event is not None else None
 
 
 def _shell_step(step: dict, ctx: _Context) -> _Outcome:
@@ -989,16 +1120,17 @@ def _shell_step(step: dict, ctx: _Context) -> _Outcome:
         capped = True
     path = os.path.join(ctx.bundle_dir, step["run"])
     started_at = iso_now()
+    events = _output_listener(ctx, name)
     try:
-        proc = _run_process(
-            path, ctx.bundle_dir, ctx.env, limit_ms / 1000, _output_listener(ctx, name)
-        )
+        proc = _run_process(path, ctx.bundle_dir, ctx.env, limit_ms / 1000, events)
     except OSError as exc:
         error = f"failed to execute shell step '{name}': {exc.strerror or exc}"
         record = _shell_record(step, started_at, None, "", "", error)
         return _Outcome(record, None, error)
-    stdout = proc.stdout.text()
-    stderr = proc.stderr.text()
+    if events is not None:
+        events.flush()
+    stdout = proc.stdout.text(ctx.redact)
+    stderr = proc.stderr.text(ctx.redact)
     code = proc.returncode
     error = None
     if proc.timed_out:
@@ -1012,7 +1144,16 @@ def _shell_step(step: dict, ctx: _Context) -> _Outcome:
         error = f"step failed: {name} (exit code {js_string(code)})"
     else:
         message = "ok"
-    record = _shell_record(step, started_at, code, stdout, stderr, message)
+    # Heads are cut from masked text: a cut through a secret must not leave
+    # its first characters for the host's redaction to miss.
+    record = _shell_record(
+        step,
+        started_at,
+        code,
+        _mask(stdout, ctx.redact),
+        _mask(stderr, ctx.redact),
+        message,
+    )
     return _Outcome(record, (f"step.{name}.stdout", stdout), error)
 
 
@@ -1298,14 +1439,31 @@ def _prepare_request(
 
 
 def _decode_body(body: bytes) -> Any:
-    """Response body as parsed JSON, or as text when it is not JSON."""
+    """Response body as parsed JSON, or as text when it is not JSON.
+
+    JSON nested deeper than RESPONSE_JSON_MAX_DEPTH is kept as text too.
+    """
     text = body.decode("utf-8", errors="replace")
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
-        return _parse_json_text(text)
+        value = _parse_json_text(text)
     except (ValueError, RecursionError):
         return text
+    return text if _nested_deeper(value, RESPONSE_JSON_MAX_DEPTH) else value
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """True when ``value`` has containers nested more than ``limit`` levels."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            members = item.values() if isinstance(item, dict) else item
+            pending.extend((member, depth + 1) for member in members)
+    return False
 
 
 def _http_step(step: dict, ctx: _Context) -> _Outcome:
@@ -1381,7 +1539,11 @@ def _check_file_exists(params: dict, base_dir: str) -> dict:
     return _check_result("file_exists", False, f"file missing: {target}")
 
 
-def _check_http_status(params: dict, outputs: dict, http_timeout_s: float) -> dict:
+def _check_http_status(
+    params: dict, outputs: dict, http_timeout_s: float, late: str | None = None
+) -> dict:
+    """Fetch a URL and compare its status; ``late`` is the error when the bound
+    hit is the execution deadline rather than the http timeout."""
     expect = params.get("expect")
     if (
         isinstance(expect, bool)
@@ -1404,6 +1566,8 @@ def _check_http_status(params: dict, outputs: dict, http_timeout_s: float) -> di
     try:
         status, _ = _exchange("GET", url, {}, None, http_timeout_s, read_body=False)
     except _HttpTimeout:
+        if late is not None:
+            raise StepError(late) from None
         raise StepError(
             f"timed out after {_js_number(http_timeout_s * 1000)}ms"
         ) from None
@@ -1433,9 +1597,16 @@ def _check_result(kind: str, success: bool, message: str) -> dict:
 
 
 def _evaluate_check(
-    check: dict, outputs: dict, base_dir: str, http_timeout_s: float
+    check: dict,
+    outputs: dict,
+    base_dir: str,
+    http_timeout_s: float,
+    late: str | None = None,
 ) -> dict:
-    """Evaluate one check into ``{type, success, message}``; StepError if it throws."""
+    """Evaluate one check into ``{type, success, message}``; StepError if it throws.
+
+    ``late`` is passed to the ``http_status`` check (see there).
+    """
     kind = check.get("type")
     params = check.get("params")
     if not isinstance(params, dict):
@@ -1446,7 +1617,7 @@ def _evaluate_check(
     if kind == "file_exists":
         return _check_file_exists(params, base_dir)
     if kind == "http_status":
-        return _check_http_status(params, outputs, http_timeout_s)
+        return _check_http_status(params, outputs, http_timeout_s, late)
     if kind == "jsonpath_equals":
         return _check_jsonpath_equals(params, outputs)
     raise StepError(f"unsupported check type: {kind}")
@@ -1586,8 +1757,12 @@ def run_plan(plan: dict, *, on_event: Callable[[dict], None] | None = None) -> d
     ``run``), ``checks`` (``type``, ``params``), ``input``, ``input_path``
     (becomes ``INPUT_JSON``), ``env`` (the whole step environment),
     ``step_timeout_ms`` (default 60000), ``execution_timeout_ms`` (None or 0:
-    no deadline; the deadline starts now), ``http_timeout_ms`` (default 30000)
-    and ``workdir_copy_to`` (copy the bundle there first and run the copy).
+    no deadline; the deadline starts now), ``http_timeout_ms`` (default 30000),
+    ``workdir_copy_to`` (copy the bundle there first and run the copy) and
+    ``redact`` (secret values the steps may know: masked in the result's
+    ``stdout_head``/``stderr_head`` before they are cut to length, and where the
+    output cap cuts through one; whole outputs stay as they are for the checks,
+    the host masks them when it writes the log).
 
     Returns ``{"success", "error" (failure only), "stepResults", "outputs",
     "checks"}`` in that order. A failed run keeps the records of the steps
@@ -1614,10 +1789,10 @@ def run_plan(plan: dict, *, on_event: Callable[[dict], None] | None = None) -> d
                 outputs[outcome.output[0]] = outcome.output[1]
             if outcome.error is not None:
                 raise StepError(outcome.error)
-        http_timeout_s = ctx.http_timeout_ms / 1000
         for check in ctx.checks:
+            bound_s, late = ctx.check_bound()
             checks.append(
-                _evaluate_check(check, outputs, ctx.bundle_dir, http_timeout_s)
+                _evaluate_check(check, outputs, ctx.bundle_dir, bound_s, late)
             )
         failed = next((check for check in checks if not check["success"]), None)
         if failed is not None:
@@ -1690,6 +1865,10 @@ def _write_line(stream: Any, text: str) -> None:
         stream.flush()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _print_event(event: dict) -> None:
     _write_line(sys.stderr, dumps_js(event))
 
@@ -1710,6 +1889,18 @@ def main(argv: list[str] | None = None) -> int:
         _write_line(sys.stderr, USAGE)
         return 1
     plan_path, events = parsed
+    if threading.current_thread() is not threading.main_thread():
+        return _run_main(plan_path, events)
+    # SIGTERM stops the run like Ctrl-C: the step's processes are killed first.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run_main(plan_path, events)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run_main(plan_path: str, events: bool) -> int:
+    """Read, check and run the plan and print its result (``main`` minus signals)."""
     try:
         plan = _read_plan(plan_path)
         _check_plan(plan)
@@ -1720,6 +1911,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except PlanError as exc:
         _write_line(sys.stderr, _one_line(f"spell-runner: {exc}"))
+        return 1
+    except KeyboardInterrupt:
+        _write_line(sys.stderr, "spell-runner: interrupted")
         return 1
     except Exception as exc:  # a bug: one line, never a traceback with secrets
         _write_line(sys.stderr, _one_line(f"spell-runner: internal error: {exc!r}"))
