@@ -5039,8 +5039,14 @@ def plain_json(value) -> str:
     """``compact_json`` through the C encoder, for values made only of text,
     booleans, integers and null read back from the index.  For those the two
     agree byte for byte (floats and lone surrogates are where they differ, and
-    SQLite text holds no lone surrogates); this one is several times faster."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    SQLite text holds no lone surrogates); this one is several times faster.
+    DEL and the C1 controls are escaped as ``dumps_js`` escapes them."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.translate(_C1_ESCAPES) if _C1_RE.search(text) else text
+
+
+_C1_RE = re.compile("[\x7f-\x9f]")
+_C1_ESCAPES = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
 
 
 # Execution index ---------------------------------------------------------------
