@@ -5040,7 +5040,15 @@ def plain_json(value) -> str:
     booleans, integers and null read back from the index.  For those the two
     agree byte for byte (floats and lone surrogates are where they differ, and
     SQLite text holds no lone surrogates); this one is several times faster."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if _JSON_ESCAPED.search(text):
+        text = _JSON_ESCAPED.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+    return text
+
+
+#: What ``compact_json`` escapes beyond json.dumps: DEL, the C1 controls and
+#: lone surrogates (they only ever occur inside strings).
+_JSON_ESCAPED = re.compile("[\x7f-\x9f\ud800-\udfff]")
 
 
 # Execution index ---------------------------------------------------------------
