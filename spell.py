@@ -5039,14 +5039,16 @@ def plain_json(value) -> str:
     """``compact_json`` through the C encoder, for values made only of text,
     booleans, integers and null read back from the index.  For those the two
     agree byte for byte (floats and lone surrogates are where they differ, and
-    SQLite text holds no lone surrogates); this one is several times faster.
-    DEL and the C1 controls are escaped as ``dumps_js`` escapes them."""
+    SQLite text holds no lone surrogates); this one is several times faster."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return text.translate(_C1_ESCAPES) if _C1_RE.search(text) else text
+    if _JSON_ESCAPED.search(text):
+        text = _JSON_ESCAPED.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+    return text
 
 
-_C1_RE = re.compile("[\x7f-\x9f]")
-_C1_ESCAPES = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
+#: What ``compact_json`` escapes beyond json.dumps: DEL, the C1 controls and
+#: lone surrogates (they only ever occur inside strings).
+_JSON_ESCAPED = re.compile("[\x7f-\x9f\ud800-\udfff]")
 
 
 # Execution index ---------------------------------------------------------------

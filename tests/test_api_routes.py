@@ -637,7 +637,7 @@ def test_plain_json_matches_compact_json_for_index_values():
         "require_signature": True,
         "status": "failed",
         "tenant_id": "t",
-        "actor_role": "\x00\x1f\x7f",
+        "actor_role": "\x00\x1f\x7f\x9b\ud800",
         "created_at": "2026",
         "error_code": None,
         "seq": 10**15,
