@@ -4431,7 +4431,6 @@ import tempfile
 import threading
 import urllib.parse
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 #: Stand-alone defaults (`spell api`); the embedding function binds port 0.
@@ -6107,6 +6106,8 @@ class JobRunner:
         #: Variables every cast gets on top of the server's environment.
         self.extra_env: dict[str, str] = {}
         # One thread per in-flight execution, reused: no thread start on a POST.
+        from concurrent.futures import ThreadPoolExecutor  # only the server needs it
+
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, settings.max_concurrent_executions),
             thread_name_prefix="spell-api-job",

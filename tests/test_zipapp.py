@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -85,8 +86,9 @@ def test_runner_pyz_runs_alone(run_pyz, pyz):
     assert "Traceback" not in proc.stderr
 
 
-def test_help_imports_no_heavy_dependency(run_pyz):
-    proc = run_pyz("--help", python_flags=("-X", "importtime"))
+@pytest.mark.parametrize("argv", [["--help"], ["cast", "--help"], ["list"]])
+def test_help_imports_no_heavy_dependency(run_pyz, argv):
+    proc = run_pyz(*argv, python_flags=("-X", "importtime"))
     assert proc.returncode == 0
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
     assert not {"yaml", "jsonschema", "cryptography"} & imported
@@ -245,3 +247,29 @@ def test_pip_install(tmp_path, store):
     proc = subprocess.run([str(target / "bin" / "spell"), "inspect", "x/y"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (1, "spell not installed: x/y\n")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_prerendered_help_is_what_the_cli_prints(run_pyz, flag):
+    # The zipapp answers a bare --help from text rendered at build time; it
+    # must be exactly what the parser prints at the same width.
+    env = dict(os.environ, COLUMNS="80")
+    done = run_pyz(flag, env=env)
+    out = io.StringIO()
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"
+    try:
+        assert spell.main([flag], stdout=out, stderr=io.StringIO()) == 0
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+    assert done.returncode == 0
+    assert done.stdout == out.getvalue()
+
+
+def test_help_of_a_command_still_goes_through_the_parser(run_pyz):
+    done = run_pyz("cast", "--help")
+    assert done.returncode == 0
+    assert "--allow-unsigned" in done.stdout
