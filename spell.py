@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
-import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 import subprocess
@@ -172,6 +170,12 @@ def b64url_decode(text: str) -> bytes:
 
 def is_base64url(text: str) -> bool:
     return isinstance(text, str) and _BASE64URL_RE.match(text) is not None
+
+
+def random_hex(nbytes: int) -> str:
+    """``nbytes`` random bytes from the OS as hex (what ``secrets.token_hex``
+    does, without importing ``secrets``, ``hmac`` and ``hashlib`` at start-up)."""
+    return os.urandom(nbytes).hex()
 
 
 def id_key(value: str) -> str:
@@ -352,7 +356,7 @@ def write_atomic(path: str, data: bytes | str, mode: int = PRIVATE_FILE_MODE) ->
         data = data.encode("utf-8")
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(
-        directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp"
+        directory, f".{os.path.basename(path)}.{random_hex(6)}.tmp"
     )
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
@@ -993,7 +997,7 @@ def _new_temp_dir(prefix: str) -> str:
     base = store_path("tmp")
     ensure_dir(base)
     _clean_stale_temp_dirs(base)
-    path = os.path.join(base, f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}")
+    path = os.path.join(base, f"{prefix}-{os.getpid()}-{random_hex(4)}")
     os.mkdir(path, STORE_DIR_MODE)
     return path
 
@@ -1848,6 +1852,8 @@ def bundle_digest(bundle_dir: str, files: list[str] | None = None) -> bytes:
     root = os.path.abspath(bundle_dir)
     if files is None:
         files = bundle_files(root)
+    import hashlib
+
     digest = hashlib.sha256(DIGEST_DOMAIN)
     for rel in files:
         try:
@@ -3032,7 +3038,7 @@ def execution_id_for(spell_id: str, version: str, now: float | None = None) -> s
         + f"{int(now * 1000) % 1000:03d}Z"
     )
     return (
-        f"{stamp}_{sanitize(spell_id)}_{sanitize(version)}_{secrets.token_hex(2)}.json"
+        f"{stamp}_{sanitize(spell_id)}_{sanitize(version)}_{random_hex(2)}.json"
     )
 
 
@@ -3701,7 +3707,7 @@ def write_log(log: dict, secrets_list: list[str]) -> str:
     """
     ensure_store_dirs()
     logs = store_path("logs")
-    tmp = os.path.join(logs, f".{secrets.token_hex(8)}.tmp")
+    tmp = os.path.join(logs, f".{random_hex(8)}.tmp")
     try:
         while True:
             data = dump_json(redact(log, secrets_list)).encode("utf-8")
@@ -3717,7 +3723,7 @@ def write_log(log: dict, secrets_list: list[str]) -> str:
             except FileExistsError:
                 # Taken (vanishingly rare with the random suffix): draw another.
                 log["execution_id"] = (
-                    log["execution_id"][:-9] + f"{secrets.token_hex(2)}.json"
+                    log["execution_id"][:-9] + f"{random_hex(2)}.json"
                 )
     finally:
         try:
@@ -4257,7 +4263,7 @@ def run_in_docker(
     passed = _passed_environment(manifest, env)
     client_env = dict(step_environment(env), **passed)
     workdir = tempfile.mkdtemp(prefix="spell-docker-")  # 0700: other users stay out
-    name = f"spell-{secrets.token_hex(8)}"
+    name = f"spell-{random_hex(8)}"
     proc = None
     try:
         share = os.path.join(workdir, "share")
@@ -4419,14 +4425,12 @@ def _docker_result(stdout: bytes, code: int, stderr: str, image: str) -> dict:
 # receipts page.  docs/compatibility.md lists where it differs from the
 # original on purpose.
 
-import hmac
-import http.server
+import http
 import io as _io
 import math
 import selectors
 import signal
 import socket
-import sqlite3
 import tempfile
 import threading
 import urllib.parse
@@ -4775,7 +4779,7 @@ class Authenticator:
                 "not both"
             )
         self.mode = "keys" if parsed else "tokens" if tokens else "off"
-        self._secret = secrets.token_bytes(32)
+        self._secret = os.urandom(32)
         if parsed:
             self._entries = [
                 (self._digest(k.token.encode()), AuthContext(k.tenant, k.role, "keys"))
@@ -4787,6 +4791,9 @@ class Authenticator:
             ]
 
     def _digest(self, token: bytes) -> bytes:
+        import hashlib
+        import hmac
+
         return hmac.new(self._secret, token, hashlib.sha256).digest()
 
     def authenticate(self, headers) -> AuthContext:
@@ -4799,6 +4806,8 @@ class Authenticator:
         # Header values arrive as Latin-1 text: back to the bytes that were sent.
         digest = self._digest(token.encode("latin-1", "replace"))
         found = None
+        import hmac
+
         for expected, context in self._entries:
             if hmac.compare_digest(expected, digest) and found is None:
                 found = context
@@ -5121,10 +5130,13 @@ class ExecutionIndex:
         if created:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
         self._lock = threading.Lock()
+        import sqlite3  # only the server keeps an index
+
         self._db = sqlite3.connect(
             self.path, check_same_thread=False, isolation_level=None, timeout=30
         )
         self._db.row_factory = sqlite3.Row
+        self.IntegrityError = sqlite3.IntegrityError
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: in WAL mode a commit survives a crash of this process; the
         # acceptance itself is written with FULL (see insert).
@@ -5579,7 +5591,7 @@ class _InstanceLock:
         self._fcntl = fcntl
         self.folder = os.path.join(logs_dir, ".api-instances")
         ensure_dir(self.folder)
-        self.instance = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.instance = f"{os.getpid()}-{random_hex(6)}"
         self.path = os.path.join(self.folder, self.instance + ".lock")
         self._fd = os.open(
             self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE
@@ -6068,7 +6080,7 @@ class RateLimiter:
 
 def new_execution_id() -> str:
     """``exec_<epoch ms>_<8 hex>``: the API's own id of an execution."""
-    return f"exec_{int(time.time() * 1000)}_{secrets.token_hex(4)}"
+    return f"exec_{int(time.time() * 1000)}_{random_hex(4)}"
 
 
 def _runtime_timeout_ms(api_timeout_ms: int, env) -> str | None:
@@ -6162,7 +6174,7 @@ class JobRunner:
                 try:
                     self.index.insert(row)
                     break
-                except sqlite3.IntegrityError:
+                except self.index.IntegrityError:
                     continue  # 32 random bits met an existing id: draw again
             self._in_flight[row["execution_id"]] = row
             self._since[row["execution_id"]] = time.time()
@@ -7082,7 +7094,7 @@ class _Watchdog:
         self._stop.set()
 
 
-class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
+class _ApiRequestHandler:
     """HTTP/1.1 front of ``ExecutionApi``: bounded reads, JSON for every error."""
 
     protocol_version = "HTTP/1.1"
@@ -7345,7 +7357,7 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         pass  # one JSON line per request is written by _respond
 
 
-class ApiHTTPServer(http.server.ThreadingHTTPServer):
+class _ApiHTTPServer:
     """Threaded server with a cap on connections served at once."""
 
     daemon_threads = True
@@ -7361,7 +7373,7 @@ class ApiHTTPServer(http.server.ThreadingHTTPServer):
         self.watchdog = _Watchdog()
         self._slots = threading.BoundedSemaphore(app.settings.max_connections)
         try:
-            super().__init__(infos[0][4][:2], ApiRequestHandler)
+            super().__init__(infos[0][4][:2], _http_classes()[0])
         except BaseException:
             self.watchdog.stop()
             raise
@@ -7402,10 +7414,37 @@ class ApiHTTPServer(http.server.ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+_HTTP_CLASSES: list = []  # filled once by _http_classes(); never changed after
+
+
+def _http_classes() -> tuple[type, type]:
+    """The request handler and server classes, built on first use.
+
+    They are ``http.server`` classes with this section's behaviour mixed in
+    first.  ``http.server`` pulls in ``http.client``, ``email`` and ``ssl``,
+    a good part of this module's import time that only ``spell api`` needs.
+    """
+    if not _HTTP_CLASSES:
+        import http.server
+
+        handler = type(
+            "ApiRequestHandler",
+            (_ApiRequestHandler, http.server.BaseHTTPRequestHandler),
+            {"__doc__": _ApiRequestHandler.__doc__},
+        )
+        server = type(
+            "ApiHTTPServer",
+            (_ApiHTTPServer, http.server.ThreadingHTTPServer),
+            {"__doc__": _ApiHTTPServer.__doc__},
+        )
+        _HTTP_CLASSES[:] = [handler, server]
+    return _HTTP_CLASSES[0], _HTTP_CLASSES[1]
+
+
 class ApiServer:
     """A running Execution API: ``.port``, ``.host``, ``.url``, ``.app``, ``.close()``."""
 
-    def __init__(self, app: ExecutionApi, http_server: ApiHTTPServer):
+    def __init__(self, app: ExecutionApi, http_server: _ApiHTTPServer):
         self.app = app
         self.http = http_server
         self.host = app.settings.host
@@ -7453,7 +7492,7 @@ def start_execution_api_server(**options) -> ApiServer:
 def _serve(settings: ApiSettings) -> ApiServer:
     app = ExecutionApi(settings)
     try:
-        http_server = ApiHTTPServer(app)
+        http_server = _http_classes()[1](app)
     except OSError as exc:
         app.close()
         code = errno.errorcode.get(exc.errno or 0, "EIO")
