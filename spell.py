@@ -3774,11 +3774,20 @@ def cast(opts: dict, io) -> dict:
         "error": None,
         "error_code": None,
     }
-    restore = _trap_sigterm()
+    guard = _SigtermGuard()
     try:
-        _cast_pipeline(opts, io, log, env, secrets_list)
-        # Only the execution is interruptible: the log is written whole.
-        restore()
+        return _cast_and_log(opts, io, log, env, secrets_list, outcome, guard)
+    finally:
+        guard.release()
+
+
+def _cast_and_log(opts, io, log, env, secrets_list, outcome, guard) -> dict:
+    """Run the pipeline, then write the log and report, success or failure."""
+    try:
+        try:
+            _cast_pipeline(opts, io, log, env, secrets_list)
+        finally:
+            guard.defer()  # only the execution is interruptible: logs are whole
         log["success"] = True
         log["finished_at"] = iso_now()
         secrets_list = secret_values(env, log.get("input"))
@@ -3800,8 +3809,6 @@ def cast(opts: dict, io) -> dict:
         except OSError:
             pass
         raise
-    finally:
-        restore()
     secrets_list = secret_values(env, log.get("input"))
     log["finished_at"] = iso_now()
     log["error"] = message
@@ -3818,26 +3825,41 @@ def cast(opts: dict, io) -> dict:
     return outcome
 
 
-def _trap_sigterm():
-    """Turn SIGTERM into KeyboardInterrupt while a cast runs, so steps are stopped."""
-    import signal
-    import threading
+class _SigtermGuard:
+    """SIGTERM during a cast: stop the steps, but never cut the log short.
 
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    While the steps run, SIGTERM raises ``KeyboardInterrupt`` so the engine
+    kills what they started.  Once they are done (``defer``) a SIGTERM is only
+    noted, and ``release`` delivers it after the log is written.
+    """
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    def __init__(self):
+        import signal
+        import threading
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    restored = []
+        self._signal = signal
+        self._active = threading.current_thread() is threading.main_thread()
+        self._deferred = False
+        self._pending = False
+        if self._active:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-    def restore() -> None:
-        if not restored:
-            restored.append(True)
-            signal.signal(signal.SIGTERM, previous)
+    def _handle(self, signum, frame):
+        if self._deferred:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
 
-    return restore
+    def defer(self) -> None:
+        self._deferred = True
+
+    def release(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        self._signal.signal(self._signal.SIGTERM, self._previous)
+        if self._pending:
+            self._signal.raise_signal(self._signal.SIGTERM)
 
 
 def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
