@@ -4457,7 +4457,68 @@ import tempfile
 import threading
 import urllib.parse
 from collections import deque
-from dataclasses import dataclass, field
+
+class _Record:
+    """A small record whose fields are the class's annotations, in order.
+
+    Defaults are class attributes; records are immutable unless the class sets
+    ``_mutable``.  It stands in for ``dataclasses``, whose import (with
+    ``inspect``) would cost every ``spell`` command several milliseconds.
+    """
+
+    _fields: tuple = ()
+    _mutable = False
+    _no_repr: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            for name in vars(klass).get("__annotations__", {}):
+                if not name.startswith("_") and name not in names:
+                    names.append(name)
+        cls._fields = tuple(names)
+
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(self._fields):
+            raise TypeError(f"{type(self).__name__} takes {len(self._fields)} fields")
+        values = dict(zip(self._fields, args))
+        for name, value in kwargs.items():
+            if name not in self._fields or name in values:
+                raise TypeError(f"{type(self).__name__}: unexpected field {name!r}")
+            values[name] = value
+        for name in self._fields:
+            if name not in values:
+                if not hasattr(type(self), name):
+                    raise TypeError(f"{type(self).__name__}: missing field {name!r}")
+                values[name] = getattr(type(self), name)
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name, value):
+        if not self._mutable:
+            raise AttributeError(f"{type(self).__name__} is immutable")
+        object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self):
+        return hash((type(self), self._values()))
+
+    def __repr__(self):
+        shown = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in self._fields
+            if name not in self._no_repr
+        )
+        return f"{type(self).__name__}({shown})"
+
+
 
 #: Stand-alone defaults (`spell api`); the embedding function binds port 0.
 API_DEFAULT_HOST = "127.0.0.1"
@@ -4611,8 +4672,7 @@ def _setting_csv(env, name: str) -> tuple[str, ...]:
     return tuple(item for item in (js_trim(part) for part in raw.split(",")) if item)
 
 
-@dataclass(frozen=True)
-class ApiSettings:
+class ApiSettings(_Record):
     """Everything the server is configured with; immutable, shared by threads.
 
     Field names follow the embedding options; ``start_execution_api_server``
@@ -4665,7 +4725,7 @@ def api_settings(**options) -> ApiSettings:
     values = {}
     for key, value in options.items():
         name = _OPTION_ALIASES.get(key, key)
-        if name not in ApiSettings.__dataclass_fields__:
+        if name not in ApiSettings._fields:
             raise TypeError(f"unknown execution api option: {key}")
         values[name] = value
     for name in ("auth_tokens", "auth_keys"):
@@ -4731,8 +4791,7 @@ def api_settings_from_env(env, *, host=None, port=None, registry=None) -> ApiSet
 # Auth ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AuthKey:
+class AuthKey(_Record):
     """One configured key: the tenant and role a token stands for."""
 
     tenant: str
@@ -4740,8 +4799,7 @@ class AuthKey:
     token: str
 
 
-@dataclass(frozen=True)
-class AuthContext:
+class AuthContext(_Record):
     """Who is calling: tenant, role (None unless bound by a key) and mode."""
 
     tenant: str = API_DEFAULT_TENANT
@@ -4878,8 +4936,7 @@ _BUTTON_REQUIRED = (
 )
 
 
-@dataclass(frozen=True)
-class Button:
+class Button(_Record):
     """One registry entry: a pinned spell and the guards to run it."""
 
     button_id: str
@@ -4908,11 +4965,12 @@ class Button:
         }
 
 
-@dataclass(frozen=True)
-class ButtonRegistry:
+class ButtonRegistry(_Record):
+    _no_repr = ("by_id",)
+
     version: str
     buttons: tuple
-    by_id: dict = field(repr=False)
+    by_id: dict
 
 
 def _validate_registry(doc) -> list[str]:
@@ -6513,9 +6571,10 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
-@dataclass
-class ApiResponse:
+class ApiResponse(_Record):
     """Status, headers and body bytes of one answer."""
+
+    _mutable = True
 
     status: int
     headers: list
