@@ -17,6 +17,7 @@ import importlib.util
 import io
 import marshal
 import os
+import subprocess
 import sys
 import zipfile
 
@@ -36,6 +37,40 @@ import {module}
 sys.exit({module}.main())
 """
 
+#: spell's top-level help is static, so it is rendered at build time: the
+#: commonest first call, ``spell.pyz --help``, then costs no module import.
+SPELL_MAIN_TEMPLATE = """\
+import sys
+
+# Rendered from spell.build_parser() by build_zipapp.py (80 columns).
+HELP = {help!r}
+
+if sys.argv[1:] in (["--help"], ["-h"]):
+    try:
+        sys.stdout.write(HELP)
+        sys.stdout.flush()
+    except OSError:  # a closed pipe, as the CLI itself answers it
+        sys.exit(1)
+    sys.exit(0)
+
+import spell
+
+# zipapp's generated __main__ drops the return value; keep the exit status.
+sys.exit(spell.main())
+"""
+#: The help is rendered for this width, whatever the building terminal has.
+HELP_COLUMNS = "80"
+
+
+def render_help() -> str:
+    """``spell --help`` as this tree prints it, at ``HELP_COLUMNS`` columns."""
+    env = dict(os.environ, COLUMNS=HELP_COLUMNS, LINES="24", PYTHONPATH=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", "import spell, sys; sys.exit(spell.main(['--help']))"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+    )
+    return done.stdout
+
 
 def _pyc(source: bytes, name: str) -> bytes:
     """An unchecked hash-based pyc (PEP 552) of ``source``."""
@@ -48,21 +83,27 @@ def _pyc(source: bytes, name: str) -> bytes:
 
 def _entry(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
     info = zipfile.ZipInfo(name, date_time=FIXED_DATE)
-    info.compress_type = zipfile.ZIP_DEFLATED
+    # Stored, not deflated: inflating the modules cost more start-up time
+    # than reading a few hundred extra KiB from the page cache.
+    info.compress_type = zipfile.ZIP_STORED
     info.external_attr = ENTRY_MODE
     info.create_system = 3  # Unix, so the mode above means what it says
-    archive.writestr(info, data, compresslevel=9)
+    archive.writestr(info, data)
 
 
-def build(path: str, modules: list[str], entry_module: str) -> None:
-    """Write one zipapp holding ``modules`` that runs ``entry_module.main()``."""
+def build(path: str, modules: list[str], entry_module: str, main_py: str = "") -> None:
+    """Write one zipapp holding ``modules`` that runs ``entry_module.main()``.
+
+    ``main_py`` replaces the default ``__main__.py`` when given.
+    """
     entries = {}
     for module in modules:
         with open(os.path.join(ROOT, f"{module}.py"), "rb") as handle:
             source = handle.read()
         entries[f"{module}.py"] = source
         entries[f"{module}.pyc"] = _pyc(source, f"{module}.py")
-    entries["__main__.py"] = MAIN_TEMPLATE.format(module=entry_module).encode()
+    main_py = main_py or MAIN_TEMPLATE.format(module=entry_module)
+    entries["__main__.py"] = main_py.encode()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name in sorted(entries):
@@ -81,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     spell_pyz = os.path.join(args.out_dir, "spell.pyz")
     runner_pyz = os.path.join(args.out_dir, "spell_runner.pyz")
-    build(spell_pyz, ["spell", "spell_runner"], "spell")
+    build(spell_pyz, ["spell", "spell_runner"], "spell",
+          SPELL_MAIN_TEMPLATE.format(help=render_help()))
     build(runner_pyz, ["spell_runner"], "spell_runner")
     print(spell_pyz)
     print(runner_pyz)

@@ -38,24 +38,42 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 $spell api --port "$port" --registry examples/button-registry.v1.json &
 api_pid=$!
 trap 'kill "$api_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-  curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-echo "page: http://127.0.0.1:$port/"
-curl -fsS "http://127.0.0.1:$port/" | head -n 5
-echo
-accepted=$(curl -fsS -X POST "http://127.0.0.1:$port/api/spell-executions" \
-  -H 'content-type: application/json' \
-  -d '{"button_id":"say_hello","input":{"name":"api"}}')
-echo "accepted: $accepted"
-exec_id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["execution_id"])' "$accepted")
-for _ in $(seq 100); do
-  detail=$(curl -fsS "http://127.0.0.1:$port/api/spell-executions/$exec_id")
-  status=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["execution"]["status"])' "$detail")
-  case "$status" in queued|running) sleep 0.1 ;; *) break ;; esac
-done
-echo "receipt: $detail"
+python3 - "$port" <<'EOF'
+import json
+import sys
+import time
+import urllib.request
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+
+
+def call(path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().decode()
+
+
+for _ in range(100):  # wait for the server to answer
+    try:
+        call("/health")
+        break
+    except OSError:
+        time.sleep(0.1)
+print(f"page: {base}/")
+print("\n".join(call("/").splitlines()[:5]))
+accepted = json.loads(call("/api/spell-executions",
+                           {"button_id": "say_hello", "input": {"name": "api"}}))
+print("accepted:", json.dumps(accepted))
+for _ in range(200):
+    detail = json.loads(call(f"/api/spell-executions/{accepted['execution_id']}"))
+    if detail["execution"]["status"] not in ("queued", "running"):
+        break
+    time.sleep(0.1)
+print("execution:", json.dumps(detail["execution"]))
+print("receipt:", json.dumps(detail["receipt"], indent=2))
+EOF
 
 if [ "${KEEP_API:-0}" = "1" ]; then
   echo "API left running (pid $api_pid); open http://127.0.0.1:$port/"

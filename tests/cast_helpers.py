@@ -1,7 +1,6 @@
 """Helpers for the cast and docker tests: bundles, environments, logs, servers.
 
-The shared fixtures (``store``, ``pyz``, ``run_pyz``) live in conftest.py; the
-few this file defines are fallbacks used only while conftest.py is absent.
+The shared fixtures (``store``, ``pyz``, ``run_pyz``) live in conftest.py.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ import base64
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +28,13 @@ if str(ROOT) not in sys.path:
 _DROPPED_PREFIXES = ("SPELL_RUNTIME_", "SPELL_DOCKER_", "CONNECTOR_", "SPELL_API_")
 _DROPPED_NAMES = ("APP_SECRET", "TEST_HEADER", "SPELL_DEBUG")
 
-ALL_PLATFORMS = ["linux/amd64", "linux/arm64", "darwin/arm64", "darwin/x64", "win32/x64"]
+ALL_PLATFORMS = [
+    "linux/amd64",
+    "linux/arm64",
+    "darwin/arm64",
+    "darwin/x64",
+    "win32/x64",
+]
 
 SUMMARY_HELLO = (
     "=== Execution Summary ===\n"
@@ -45,49 +49,16 @@ SUMMARY_HELLO = (
 )
 
 
-# Fallback fixtures ##########################################################
-
-if not (TESTS / "conftest.py").exists():  # pragma: no cover - until conftest lands
-
-    @pytest.fixture
-    def store(tmp_path, monkeypatch) -> Path:
-        home = tmp_path / "home"
-        home.mkdir()
-        root = home / ".spell"
-        monkeypatch.setenv("HOME", str(home))
-        monkeypatch.setenv("SPELL_HOME", str(root))
-        return root
-
-    class _Zipapps:
-        def __init__(self, spell: Path, runner: Path):
-            self.spell, self.runner = spell, runner
-
-    @pytest.fixture(scope="session")
-    def pyz(tmp_path_factory):
-        out_dir = tmp_path_factory.mktemp("dist")
-        subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--out-dir",
-                        str(out_dir)], check=True, capture_output=True)
-        return _Zipapps(out_dir / "spell.pyz", out_dir / "spell_runner.pyz")
-
-    @pytest.fixture
-    def run_pyz(store, pyz):
-        def run(*args, env=None, timeout=60, cwd=None, python_flags=(), pyz_path=None):
-            cmd = [sys.executable, *python_flags, str(pyz_path or pyz.spell)]
-            return subprocess.run(cmd + [str(a) for a in args],
-                                  env=dict(os.environ) if env is None else env, cwd=cwd,
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=timeout)
-
-        return run
-
-
 # Environments and bundles ###################################################
 
 
 def clean_env(**extra: str) -> dict:
     """The current environment without variables that steer a cast, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_DROPPED_PREFIXES) and k not in _DROPPED_NAMES}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_DROPPED_PREFIXES) and k not in _DROPPED_NAMES
+    }
     env.update(extra)
     return env
 
@@ -112,23 +83,43 @@ def edit_manifest(bundle: Path, **changes) -> None:
         for part in parts[:-1]:
             node = node[part]
         node[parts[-1]] = value
-    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8"
+    )
 
 
-def make_bundle(dest: Path, spell_id: str, steps: dict, *, schema: dict | None = None,
-                checks: list | None = None, **fields) -> Path:
+def make_bundle(
+    dest: Path,
+    spell_id: str,
+    steps: dict,
+    *,
+    schema: dict | None = None,
+    checks: list | None = None,
+    **fields,
+) -> Path:
     """Write a bundle whose steps are ``{name: (uses, file text)}`` in order.
 
     Shell step files are made executable. ``fields`` override manifest keys.
     """
     (dest / "steps").mkdir(parents=True)
     manifest = {
-        "id": spell_id, "version": "1.0.0", "name": spell_id, "summary": "test bundle",
-        "inputs_schema": "./schema.json", "risk": "low", "permissions": [],
+        "id": spell_id,
+        "version": "1.0.0",
+        "name": spell_id,
+        "summary": "test bundle",
+        "inputs_schema": "./schema.json",
+        "risk": "low",
+        "permissions": [],
         "effects": [{"type": "notify", "target": "stdout", "mutates": False}],
-        "billing": {"enabled": False, "mode": "none", "currency": "USD", "max_amount": 0},
+        "billing": {
+            "enabled": False,
+            "mode": "none",
+            "currency": "USD",
+            "max_amount": 0,
+        },
         "runtime": {"execution": "host", "platforms": ALL_PLATFORMS},
-        "steps": [], "checks": checks if checks is not None else [{"type": "exit_code"}],
+        "steps": [],
+        "checks": checks if checks is not None else [{"type": "exit_code"}],
     }
     manifest.update(fields)
     for name, (uses, text) in steps.items():
@@ -137,10 +128,22 @@ def make_bundle(dest: Path, spell_id: str, steps: dict, *, schema: dict | None =
         path.write_text(text, encoding="utf-8")
         if uses == "shell":
             path.chmod(0o755)
-        manifest["steps"].append({"uses": uses, "name": name, "run": f"steps/{name}{suffix}"})
-    (dest / "spell.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
-    (dest / "schema.json").write_text(json.dumps(schema if schema is not None else {
-        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object"}))
+        manifest["steps"].append(
+            {"uses": uses, "name": name, "run": f"steps/{name}{suffix}"}
+        )
+    (dest / "spell.yaml").write_text(
+        yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8"
+    )
+    (dest / "schema.json").write_text(
+        json.dumps(
+            schema
+            if schema is not None
+            else {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "type": "object",
+            }
+        )
+    )
     return dest
 
 
@@ -152,8 +155,10 @@ def log_files(store: Path) -> list[Path]:
     logs = store / "logs"
     if not logs.is_dir():
         return []
-    return sorted((p for p in logs.iterdir() if p.suffix == ".json"),
-                  key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return sorted(
+        (p for p in logs.iterdir() if p.suffix == ".json"),
+        key=lambda p: (p.stat().st_mtime_ns, p.name),
+    )
 
 
 def latest_log(store: Path) -> dict:
@@ -168,7 +173,7 @@ def stdout_fields(stdout: str) -> dict:
     for line in stdout.splitlines():
         for key in ("execution_id", "log"):
             if line.startswith(key + ": ") and key not in found:
-                found[key] = line[len(key) + 2:]
+                found[key] = line[len(key) + 2 :]
     return found
 
 
@@ -181,7 +186,7 @@ def pid_alive(pid: int) -> bool:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return False
-    return raw[raw.rfind(b")") + 2:].split()[0] != b"Z"
+    return raw[raw.rfind(b")") + 2 :].split()[0] != b"Z"
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
@@ -227,12 +232,22 @@ class Recorder:
             def _answer(self):
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
-                recorder.requests.append({"method": self.command, "path": self.path,
-                                          "headers": {k.lower(): v for k, v in
-                                                      self.headers.items()},
-                                          "body": body})
-                status, payload = recorder.routes.get(self.path.split("?")[0], (404, b""))
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                recorder.requests.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": body,
+                    }
+                )
+                status, payload = recorder.routes.get(
+                    self.path.split("?")[0], (404, b"")
+                )
+                data = (
+                    payload
+                    if isinstance(payload, bytes)
+                    else json.dumps(payload).encode()
+                )
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
@@ -267,7 +282,9 @@ class Recorder:
 
 def keygen(run_pyz, publisher: str, out_dir: Path, key_id: str = "default") -> dict:
     """``spell sign keygen``; return its printed fields (private_key, public_key_base64url...)."""
-    proc = run_pyz("sign", "keygen", publisher, "--key-id", key_id, "--out-dir", out_dir)
+    proc = run_pyz(
+        "sign", "keygen", publisher, "--key-id", key_id, "--out-dir", out_dir
+    )
     assert proc.returncode == 0, proc.stderr
     fields = {}
     for line in proc.stdout.splitlines():
@@ -290,8 +307,15 @@ def entitlement_token(private_pem: Path, claims: dict) -> str:
 
 
 def claims(issuer: str, key_id: str = "default", **overrides) -> dict:
-    base = {"version": "v1", "issuer": issuer, "key_id": key_id, "mode": "on_success",
-            "currency": "usd", "max_amount": 15, "not_before": "2020-01-01T00:00:00Z",
-            "expires_at": "2099-01-01T00:00:00Z"}
+    base = {
+        "version": "v1",
+        "issuer": issuer,
+        "key_id": key_id,
+        "mode": "on_success",
+        "currency": "usd",
+        "max_amount": 15,
+        "not_before": "2020-01-01T00:00:00Z",
+        "expires_at": "2099-01-01T00:00:00Z",
+    }
     base.update(overrides)
     return base

@@ -73,6 +73,10 @@ fi
 say "python packages"
 python3 -m pip install -q --disable-pip-version-check \
     --root-user-action=ignore -e '.[test]'
+# wheel lets test_zipapp build and install the package without isolation
+# (no network access to a build backend); it is a test-time tool only.
+python3 -m pip install -q --disable-pip-version-check \
+    --root-user-action=ignore wheel
 
 # 3. The runner zipapp ########################################################
 say "dist/spell_runner.pyz"

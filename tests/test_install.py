@@ -131,6 +131,18 @@ def test_version_cannot_escape_the_store(make_bundle, run_cli, store, tmp_path):
     assert not any(p.name == "x" for p in tmp_path.rglob("x"))
 
 
+def test_hidden_version_is_refused(make_bundle, run_cli, store):
+    assert run_cli("install", make_bundle(version=".1")) == (
+        1, "", "version must not start with '.': .1\n")
+    assert store_is_clean(store)
+
+
+def test_names_too_long_to_store_are_refused(make_bundle, run_cli, store):
+    # 200 characters of 3-byte UTF-8 make a storage key of 800 characters
+    code, _, err = run_cli("install", make_bundle(id="界" * 200))
+    assert (code, err) == (1, "id or version is too long to store\n")
+
+
 # Refusals ########################################################################
 
 

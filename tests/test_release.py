@@ -54,8 +54,18 @@ def test_mismatching_tag_names_both_versions(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "tag",
-    ["1.2.3", "v1.2", "v1.2.3.4", "v01.2.3", "v1.2.3-rc1", "V1.2.3", "", " v1.2.3",
-     "refs/tags/v1.2.3", "vX.Y.Z"],
+    [
+        "1.2.3",
+        "v1.2",
+        "v1.2.3.4",
+        "v01.2.3",
+        "v1.2.3-rc1",
+        "V1.2.3",
+        "",
+        " v1.2.3",
+        "refs/tags/v1.2.3",
+        "vX.Y.Z",
+    ],
 )
 def test_malformed_tag_is_refused_before_reading_the_source(tmp_path, capsys, tag):
     missing = str(tmp_path / "nowhere.py")

@@ -147,6 +147,18 @@ def test_stray_entries_do_not_break_list(make_bundle, run_cli, store):
     assert all(line.startswith("warning: ") for line in err.splitlines())
 
 
+def test_special_id_files_are_skipped_not_read(make_bundle, run_cli, store):
+    install(run_cli, make_bundle())
+    id_file = store / "spells" / spell.id_key("test/demo") / "spell.id.txt"
+    id_file.unlink()
+    os.mkfifo(id_file)
+    code, out, err = run_cli("list")
+    assert (code, out) == (0, "No spells installed\n")
+    assert "missing spell.id.txt" in err
+    assert run_cli("inspect", "test/demo") == (
+        1, "", "missing spell.id.txt for test/demo\n")
+
+
 def test_list_skips_an_id_mismatch(make_bundle, run_cli, store):
     install(run_cli, make_bundle())
     (store / "spells" / spell.id_key("test/demo") / "spell.id.txt").write_text("x/y\n")

@@ -41,7 +41,9 @@ def declared_version(source: str) -> str:
     found = VERSION_LINE_RE.findall(text)
     if len(found) != 1:
         how_many = "no" if not found else f"{len(found)}"
-        raise CheckError(f"{source} has {how_many} __version__ = \"...\" lines, expected one")
+        raise CheckError(
+            f'{source} has {how_many} __version__ = "..." lines, expected one'
+        )
     return found[0][1]
 
 
@@ -55,7 +57,7 @@ def check(tag: str, source: str) -> str:
     if tag != f"v{version}":
         raise CheckError(
             f"tag {tag} does not match spell.__version__ {version!r} in {source}: "
-            f"set __version__ = \"{tag[1:]}\" or tag v{version}"
+            f'set __version__ = "{tag[1:]}" or tag v{version}'
         )
     return f"tag {tag} matches spell.__version__ {version}"
 

@@ -57,7 +57,10 @@ def main():
     with open(os.environ["INPUT_JSON"], encoding="utf-8") as handle:
         given = json.load(handle)
     if not os.path.isfile(os.path.join(SITE_DIR, "index.html")):
-        print("publish: nothing built: artifacts/site/index.html is missing", file=sys.stderr)
+        print(
+            "publish: nothing built: artifacts/site/index.html is missing",
+            file=sys.stderr,
+        )
         return 1
     destination = None
     target_dir = given.get("target_dir")

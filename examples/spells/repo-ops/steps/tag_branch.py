@@ -32,6 +32,13 @@ class Failure(Exception):
     """A reason to stop, printed as one line on stderr."""
 
 
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: it would carry the token to another address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 def git(path, *args):
     try:
         done = subprocess.run(
@@ -71,7 +78,9 @@ def api_base():
         parsed.scheme == "http" and parsed.hostname in LOOPBACK_HOSTS
     ):
         return base.rstrip("/")
-    raise Failure(f"GITHUB_API_URL must be https (or http to a loopback address): {base}")
+    raise Failure(
+        f"GITHUB_API_URL must be https (or http to a loopback address): {base}"
+    )
 
 
 def send(method, url, token, body=None):
@@ -84,14 +93,16 @@ def send(method, url, token, body=None):
     if data is not None:
         request.add_header("content-type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        opener = urllib.request.build_opener(NoRedirects)
+        with opener.open(request, timeout=REQUEST_TIMEOUT_S) as response:
             return json.loads(response.read().decode("utf-8") or "null")
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read().decode("utf-8")).get("message", "")
         except (ValueError, AttributeError, UnicodeDecodeError):
             message = ""
-        raise Failure(f"github answered {exc.code} to {method} {url}: {message}") from None
+        detail = f": {message}" if isinstance(message, str) and message else ""
+        raise Failure(f"github answered {exc.code} to {method} {url}{detail}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise Failure(f"github request failed: {method} {url}: {reason}") from None
@@ -99,7 +110,7 @@ def send(method, url, token, body=None):
 
 def tag_on_github(repository, branch, tag, sha, token, push):
     base = f"{api_base()}/repos/{repository}"
-    shown = "authorization: Bearer $CONNECTOR_GITHUB_TOKEN"
+    shown = "authenticated by CONNECTOR_GITHUB_TOKEN"
     if sha is None:
         url = f"{base}/git/ref/heads/{urllib.parse.quote(branch)}"
         if not push:
