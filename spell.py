@@ -53,7 +53,7 @@ LOG_MAX_BYTES = 64 * 1024 * 1024
 #: YAML limits: nesting depth, alias uses and nodes after alias expansion.
 YAML_MAX_DEPTH = 64
 YAML_MAX_ALIASES = 100
-YAML_MAX_NODES = 100_000
+YAML_MAX_NODES = 10_000
 #: JSON nesting accepted from any file or request.
 JSON_MAX_DEPTH = 200
 #: Git may be slow on a large repository, but never hang a CLI forever.
@@ -554,8 +554,14 @@ def _yaml_loader_class():
             super().__init__(stream)
             self._depth = 0
             self._aliases = 0
+            self._nodes = 0
 
         def compose_node(self, parent, index):
+            self._nodes += 1
+            if self._nodes > YAML_MAX_NODES:
+                # Counted while composing, so a huge document stops early
+                # instead of being parsed whole first.
+                raise yaml.YAMLError(f"more than {YAML_MAX_NODES} nodes")
             if self.check_event(yaml.AliasEvent):
                 self._aliases += 1
                 if self._aliases > YAML_MAX_ALIASES:
@@ -723,6 +729,24 @@ def _expanded_size(value, limit: int) -> int:
     return size(value)
 
 
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value) -> bool:
+    """True when a key or string anywhere in ``value`` cannot be UTF-8."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE_RE.search(item):
+                return True
+        elif isinstance(item, (dict, list)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.keys() if isinstance(item, dict) else ())
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return False
+
+
 def parse_manifest_yaml(data: bytes):
     """Parse manifest bytes; raises ``ManifestError`` with the original's prefix."""
     yaml = require("yaml", "PyYAML")
@@ -745,6 +769,11 @@ def parse_manifest_yaml(data: bytes):
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as exc:
         detail = " ".join(str(exc).split())
         raise ManifestError(f"failed to parse spell.yaml: {detail}") from None
+    if _has_lone_surrogate(value):
+        raise ManifestError(
+            "failed to parse spell.yaml: a string holds a lone surrogate "
+            "(not valid Unicode text)"
+        )
     if _expanded_size(value, YAML_MAX_NODES) > YAML_MAX_NODES:
         raise ManifestError(
             f"failed to parse spell.yaml: document expands to more than "
@@ -1189,6 +1218,8 @@ def _check_installable(manifest: dict) -> None:
     if manifest["version"].startswith("."):
         # Listings skip hidden folders, so such a version could never be found.
         raise InstallError(f"version must not start with '.': {manifest['version']}")
+    if manifest["version"] == "spell.id.txt":
+        raise InstallError("version must not be 'spell.id.txt' (the id file's name)")
     if (
         len(id_key(manifest["id"])) > NAME_MAX
         or len(manifest["version"].encode()) > NAME_MAX
@@ -1272,11 +1303,19 @@ def _commit_install(root: str, manifest: dict, provenance: dict) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _read_id_file(path: str) -> str | None:
-    """The trimmed id in ``spell.id.txt``; None if it is missing or not a small file."""
+def _read_id_file(path: str, *, strict: bool = False) -> str | None:
+    """The trimmed id in ``spell.id.txt``; None if it is missing.
+
+    A file that is not a small regular file (a FIFO, a huge or sparse file)
+    is also None, unless ``strict`` asks for the error saying what it is.
+    """
     try:
         data = read_file(path, 4096, "spell.id.txt")
-    except (OSError, SpellError):
+    except OSError:
+        return None
+    except SpellError:
+        if strict:
+            raise
         return None
     return js_trim(data.decode("utf-8", "replace"))
 
@@ -1298,7 +1337,7 @@ def resolve_installed(spell_id: str, version: str | None) -> tuple[str, dict]:
     id_dir = store_path("spells", id_key(spell_id))
     if len(id_key(spell_id)) > NAME_MAX or not os.path.isdir(id_dir):
         raise NotFound(f"spell not installed: {spell_id}")
-    stored = _read_id_file(os.path.join(id_dir, "spell.id.txt"))
+    stored = _read_id_file(os.path.join(id_dir, "spell.id.txt"), strict=True)
     if stored is None:
         raise NotFound(f"missing spell.id.txt for {spell_id}")
     if stored != spell_id:
@@ -1335,7 +1374,12 @@ def installed_bundles(warn=None) -> list[tuple[str, dict]]:
     for entry in entries:
         if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
             continue
-        stored = _read_id_file(os.path.join(entry.path, "spell.id.txt"))
+        try:
+            stored = _read_id_file(os.path.join(entry.path, "spell.id.txt"), strict=True)
+        except SpellError as exc:
+            if warn:
+                warn(f"skipping {entry.path}: {exc.message}")
+            continue
         if stored is None:
             if warn:
                 warn(f"skipping {entry.path}: missing spell.id.txt")
@@ -3483,6 +3527,20 @@ def _run_bounded(func, timeout_s: float):
             handle.write(data)
         os._exit(0)
     os.close(write_fd)
+    try:
+        return _await_bounded(pid, read_fd, timeout_s)
+    except BaseException:
+        # Interrupted (SIGTERM, Ctrl-C) or failed: the validator must not outlive
+        # the cast, nor keep its stdout and stderr open.
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
+
+
+def _await_bounded(pid: int, read_fd: int, timeout_s: float):
     import selectors
 
     chunks, deadline = [], time.monotonic() + timeout_s
@@ -3643,6 +3701,8 @@ def secret_values(env, input_obj=None) -> list[str]:
             stack.extend((key, v) for v in item)
         elif secret_key and isinstance(item, str) and js_trim(item):
             found.add(item)
+        elif secret_key and _is_number(item):
+            found.add(spell_runner.dumps_js(item))  # as a step would print it
     return sorted(
         (v for v in found if len(v) >= SECRET_MIN_LENGTH), key=len, reverse=True
     )
@@ -4005,6 +4065,9 @@ def _run_on_host(
             "env": step_environment(env),
             "step_timeout_ms": limits["step_timeout_ms"],
             "execution_timeout_ms": limits["execution_timeout_ms"],
+            # Masked by the runner before it cuts heads and output, so a cut
+            # never leaves the first characters of a secret in the log.
+            "redact": secret_values(env, merged),
         }
         on_event = (
             _progress_printer(io, secret_values(env, merged)) if verbose else None
@@ -4301,6 +4364,8 @@ def run_in_docker(
             "env": {},
             "step_timeout_ms": limits["step_timeout_ms"],
             "execution_timeout_ms": timeout_ms,
+            # Only what the container already holds: its tokens and the input.
+            "redact": secret_values(passed, merged),
         }
         for filename, value in (("input.json", merged), ("plan.json", plan)):
             write_atomic(

@@ -217,11 +217,14 @@ def test_installed_id_file_that_never_ends_or_is_huge_is_an_error_not_a_hang(
     installed(cli, make_bundle())
     path = store / "spells" / spell.id_key("test/demo") / "spell.id.txt"
     plant(path, kind, tmp_path)
-    for command in (["cast", "test/demo", "--allow-unsigned"], ["list"],
-                    ["inspect", "test/demo"]):
+    for command in (["cast", "test/demo", "--allow-unsigned"], ["inspect", "test/demo"]):
         result = spell_run(*command, timeout=PROMPT)
         assert_refused(result, prefix="spell.id.txt ")
         assert str(path) in result.stderr
+    # A listing skips the broken entry with a warning instead of failing whole.
+    result = spell_run("list", timeout=PROMPT)
+    assert result.returncode == 0 and result.stdout == "No spells installed\n"
+    assert result.stderr.startswith("warning: skipping ") and str(path) in result.stderr
 
 
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "sparse", "folder"])
