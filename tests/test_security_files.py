@@ -212,16 +212,18 @@ def test_log_file_that_never_ends_or_is_huge_is_not_read(kind, spell_run, store,
 
 
 @pytest.mark.parametrize("kind", ["fifo", "sparse"])
-def test_installed_id_file_that_never_ends_or_is_huge_is_an_error_not_a_hang(
+def test_installed_id_file_that_never_ends_or_is_huge_counts_as_missing(
         kind, make_bundle, cli, spell_run, store, tmp_path):
     installed(cli, make_bundle())
     path = store / "spells" / spell.id_key("test/demo") / "spell.id.txt"
     plant(path, kind, tmp_path)
-    for command in (["cast", "test/demo", "--allow-unsigned"], ["list"],
-                    ["inspect", "test/demo"]):
-        result = spell_run(*command, timeout=PROMPT)
-        assert_refused(result, prefix="spell.id.txt ")
-        assert str(path) in result.stderr
+    for command in (["cast", "test/demo", "--allow-unsigned"], ["inspect", "test/demo"]):
+        assert_refused(spell_run(*command, timeout=PROMPT),
+                       "missing spell.id.txt for test/demo")
+    listing = spell_run("list", timeout=PROMPT)
+    assert_ok(listing)
+    assert listing.stdout == "No spells installed\n"
+    assert listing.stderr == f"warning: skipping {path.parent}: missing spell.id.txt\n"
 
 
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "sparse", "folder"])

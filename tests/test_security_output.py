@@ -166,3 +166,24 @@ def test_runner_prints_step_output_as_escaped_json(spell_run, pyz, tmp_path):
     assert_no_raw_controls(result.stdout)
     assert json.loads(result.stdout)["outputs"]["step.say.stdout"].endswith(
         "\x1b[2J\x9b2J\x1b]0;owned\x07\n")
+
+
+@pytest.mark.xfail(strict=True, reason="a lone surrogate in a manifest string (YAML "
+                   "\"\\ud800\") installs, then list, inspect and cast end in 'internal "
+                   "error: UnicodeEncodeError' (a failed cast writes no log)")
+@pytest.mark.parametrize("field", ["name", "effect-target"])
+def test_lone_surrogate_in_a_manifest_string_is_printed_escaped(
+        field, make_bundle, spell_run):
+    original = {"name": "name: Demo", "effect-target": "target: stdout"}[field]
+    changed = {"name": 'name: "De\\ud800mo"', "effect-target": 'target: "\\ud800"'}[field]
+    text = make_bundle().joinpath("spell.yaml").read_text()
+    bundle = make_bundle(yaml_text=text.replace(original, changed))
+    install = spell_run("install", bundle)
+    if install.returncode == 1:
+        assert_refused(install)  # refusing such a manifest is fine too
+        return
+    for command in (["list"], ["inspect", "test/demo"],
+                    ["cast", "test/demo", "--allow-unsigned"]):
+        result = spell_run(*command)
+        assert_ok(result)
+        assert_no_raw_controls(result.stdout)

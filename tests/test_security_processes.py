@@ -142,8 +142,12 @@ def runner_image(engine, pyz) -> str:
     return images.ensure_runner_image(pyz.runner)
 
 
-def spell_containers(engine: dict, store) -> list[str]:
-    """Names of ``spell-*`` containers (running or not) that mount a path of ``store``."""
+def spell_containers(engine: dict, under) -> list[str]:
+    """Names of ``spell-*`` containers (running or not) that mount a path under ``under``.
+
+    The cast's TMPDIR is the test's own folder, so its mounts give its container
+    away even when other casts share the engine.
+    """
     def docker(*args):
         return subprocess.run(["docker", *args], env=engine, capture_output=True,
                               text=True, timeout=60, stdin=subprocess.DEVNULL).stdout
@@ -153,25 +157,31 @@ def spell_containers(engine: dict, store) -> list[str]:
         return []
     found = json.loads(docker("inspect", *ids) or "[]")
     return [c["Name"] for c in found
-            if any(str(store) in (m.get("Source") or "") for m in c.get("Mounts", []))]
+            if any((m.get("Source") or "").startswith(str(under))
+                   for m in c.get("Mounts", []))]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_docker_cast_leaves_no_container(
-        signum, engine, runner_image, make_bundle, cli, spell_run, store):
+        signum, engine, runner_image, make_bundle, cli, spell_run, tmp_path):
     platforms = ["linux/amd64", "linux/arm64", "linux/x64"]
     runtime = {"execution": "docker", "platforms": platforms, "docker_image": runner_image}
     step = "#!/bin/sh\ntrap '' TERM INT\nsetsid sleep 300 &\necho started\nsleep 300\n"
     installed(cli, make_bundle(runtime=runtime, files={"steps/run.sh": step}))
-    env = {"DOCKER_HOST": engine["DOCKER_HOST"]} if engine.get("DOCKER_HOST") else {}
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    env = {"TMPDIR": str(temp)}
+    if engine.get("DOCKER_HOST"):
+        env["DOCKER_HOST"] = engine["DOCKER_HOST"]
     seen = []
 
     def container_runs() -> bool:
-        seen.extend(spell_containers(engine, store))
+        seen.extend(spell_containers(engine, temp))
         return bool(seen)
 
     result = spell_run("cast", "test/demo", "--allow-unsigned", env=env,
                        signals=[(container_runs, signum)], timeout=40)
     assert seen, "no container was seen before the cast ended"
     assert_refused(result, "cast interrupted", stdout=None)
-    assert spell_containers(engine, store) == []
+    assert spell_containers(engine, temp) == []
+    assert list(temp.iterdir()) == []
