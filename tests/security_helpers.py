@@ -30,6 +30,9 @@ refused with one line on stderr and exit status 1. These helpers run the built
 ``cli``
     ``cli(*argv) -> (code, out, err)``: the CLI in-process, for set-up steps
     that are not under test (much faster than a zipapp run).
+``api_server``
+    ``start(buttons, **options) -> (server, client)``: the Execution API in
+    this process, for the few cross-checks of what reaches a receipt.
 """
 
 from __future__ import annotations
@@ -309,3 +312,31 @@ def log_texts(store: Path) -> str:
     if not logs.is_dir():
         return ""
     return "".join(p.read_text(encoding="utf-8") for p in sorted(logs.glob("*.json")))
+
+
+# The Execution API ##########################################################
+
+
+@pytest.fixture
+def api_server(cli, tmp_path):
+    """``start(buttons, **options) -> (server, client)``: the API in this process.
+
+    ``buttons`` are registry entries (``api_helpers.button``); the server
+    listens on 127.0.0.1 and is closed after the test.
+    """
+    from api_helpers import Client, write_registry
+
+    servers = []
+
+    def start(buttons, **options):
+        registry = write_registry(tmp_path, buttons, name="security-registry.json")
+        options.setdefault("quiet", True)
+        server = spell.start_execution_api_server(registryPath=str(registry), **options)
+        servers.append(server)
+        keys = options.get("authKeys") or []
+        token = keys[0].split("=", 1)[1] if keys else None  # "role=token"
+        return server, Client(server, token=token)
+
+    yield start
+    for server in servers:
+        server.close(cancel=True)

@@ -187,3 +187,23 @@ def test_lone_surrogate_in_a_manifest_string_is_printed_escaped(
         result = spell_run(*command)
         assert_ok(result)
         assert_no_raw_controls(result.stdout)
+
+
+def test_forged_output_lines_cannot_redirect_an_api_receipt(
+        make_bundle, cli, api_server, store):
+    """The API reads the log the cast itself wrote, never a path printed on stdout."""
+    from api_helpers import button
+
+    forged = store / "logs" / "forged.json"
+    forged.parent.mkdir(parents=True, exist_ok=True)
+    forged.write_text(json.dumps({"execution_id": "forged.json", "id": "evil/x"}))
+    step = ("#!/bin/sh\nprintf 'execution_id: forged.json\\nlog: %s\\n' "
+            f"'{forged}'\nexit 3\n")
+    installed(cli, make_bundle(name="x" + FORGED, files={"steps/run.sh": step}))
+    server, client = api_server([button("hostile", "test/demo")])
+    detail = client.wait(client.launch("hostile"))
+    assert detail["execution"]["status"] == "failed"
+    receipt = detail["receipt"]
+    assert receipt["id"] == "test/demo" and receipt["execution_id"] != "forged.json"
+    assert receipt["error"] == "step failed: run (exit code 3)"
+    assert detail["execution"]["execution_id"] != "forged.json"

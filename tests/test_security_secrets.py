@@ -200,3 +200,24 @@ def test_runner_masks_secrets_before_cutting_heads_and_output(spell_run, pyz, tm
     assert tail.split(" bytes of output cut]\n", 1)[1].startswith("[REDACTED]z")
     # The whole output keeps the secret itself for the checks; the host masks it.
     assert head.startswith("0" * 195 + SECRET)
+
+
+def test_api_receipt_masks_a_secret_quoted_by_a_failing_check(
+        make_bundle, cli, api_server, recorder):
+    from api_helpers import button
+
+    server_http = recorder(json.dumps({"who": SECRET}).encode())
+    checks = [{"type": "jsonpath_equals",
+               "params": {"from_output": "step.call.json", "path": "who",
+                          "expected": "someone"}}]
+    installed(cli, http_bundle(make_bundle, {"method": "GET", "url": "{{INPUT.url}}"},
+                               checks=checks))
+    _, client = api_server(
+        [button("leak", "test/demo", defaults={"url": server_http.base + "/me"})],
+        authKeys=["admin=" + SECRET[::-1]])
+    detail = client.wait(client.launch("leak", input={"password": SECRET}))
+    assert detail["execution"]["status"] == "failed"
+    text = json.dumps(detail)
+    assert SECRET not in text and SECRET[::-1] not in text
+    assert detail["receipt"]["error"] == ("check failed: jsonpath mismatch at who: "
+                                          "expected someone, got [REDACTED]")
