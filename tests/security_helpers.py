@@ -14,9 +14,9 @@ refused with one line on stderr and exit status 1. These helpers run the built
     inherits, so ``leftovers()`` can find them. Output goes to files, never to
     pipes, so a leftover process holding the output cannot hang the test. A
     run past ``timeout`` is killed and fails the test. ``signals`` is a list of
-    ``(when, signal)`` sent to the process, ``when`` being seconds after the
-    start or a function that says (polled a few times a second) that the
-    time has come.
+    ``(when, signal)`` sent to the process in order, ``when`` being seconds
+    after the previous one (or the start) or a function that says, polled ten
+    times a second, that the time has come.
 ``assert_refused(outcome, message=None, *, prefix=None)``
     Exit 1, nothing on stdout, exactly one line on stderr (equal to
     ``message`` or starting with ``prefix``), no traceback or internal error.
@@ -158,9 +158,8 @@ def spell_run(pyz, store, tmp_path):
         n = next(counter)
         out_path, err_path = io_dir / f"{n}.out", io_dir / f"{n}.err"
         cmd = [sys.executable, str(pyz_path or pyz.spell), *map(str, args)]
-        timed = sorted((item for item in signals if not callable(item[0])),
-                       key=lambda item: item[0])
-        triggered = [item for item in signals if callable(item[0])]
+        pending = list(signals)
+        last_sent = 0.0  # seconds after the start
         next_poll = 0.0
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             began = time.monotonic()
@@ -172,12 +171,19 @@ def spell_run(pyz, store, tmp_path):
             while proc.poll() is None:
                 peak = max(peak, _peak_kib(proc.pid))
                 elapsed = time.monotonic() - began
-                while timed and timed[0][0] <= elapsed:
-                    proc.send_signal(timed.pop(0)[1])
-                if triggered and elapsed >= next_poll:
-                    next_poll = elapsed + 0.2
-                    while triggered and triggered[0][0]():
-                        proc.send_signal(triggered.pop(0)[1])
+                while pending:
+                    when, signum = pending[0]
+                    if callable(when):
+                        if elapsed < next_poll:
+                            break
+                        next_poll = elapsed + 0.1
+                        if not when():
+                            break
+                    elif elapsed - last_sent < when:
+                        break
+                    proc.send_signal(signum)
+                    pending.pop(0)
+                    last_sent = elapsed
                 if elapsed > timeout:
                     hung = True
                     break

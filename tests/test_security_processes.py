@@ -42,36 +42,41 @@ os.setsid()
 if os.fork(): os._exit(0)
 time.sleep(300)' &
 echo started
+[ -z "$READY" ] || touch "$READY"
 sleep 300
 """
 
-#: When the step above is surely running (Python start, cast, spawn).
-STARTED_S = 1.8
+
+def ready_file(tmp_path):
+    """(environment, trigger): the step touches READY once its children run."""
+    path = tmp_path / "ready"
+    return {"READY": str(path)}, path.exists
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_cast_stops_every_process_the_step_started(
-        signum, make_bundle, cli, spell_run, store):
+        signum, make_bundle, cli, spell_run, store, tmp_path):
     installed(cli, make_bundle(files={"steps/run.sh": STUBBORN}))
-    result = spell_run("cast", "test/demo", "--allow-unsigned",
-                       signals=[(STARTED_S, signum)], timeout=STARTED_S + 5)
+    env, ready = ready_file(tmp_path)
+    result = spell_run("cast", "test/demo", "--allow-unsigned", env=env,
+                       signals=[(ready, signum)], timeout=15)
     assert_refused(result, "cast interrupted", stdout=None)
-    assert result.seconds < STARTED_S + 3
     log = json.loads(log_texts(store))
     assert log["error"] == "cast interrupted" and log["success"] is False
 
 
 def test_burst_of_sigterm_during_the_cleanup_leaves_nothing_running(
-        make_bundle, cli, spell_run):
+        make_bundle, cli, spell_run, tmp_path):
     """A second signal used to cut the sweep after the first one short."""
     many = STUBBORN.replace(
         "echo started",
         "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do\n"
         "  setsid sh -c \"trap '' TERM INT; exec sleep 300\" &\ndone\necho started")
     installed(cli, make_bundle(files={"steps/run.sh": many}))
-    burst = [(STARTED_S + i * 0.003, signal.SIGTERM) for i in range(150)]
-    result = spell_run("cast", "test/demo", "--allow-unsigned", signals=burst,
-                       timeout=STARTED_S + 5)
+    env, ready = ready_file(tmp_path)
+    burst = [(ready, signal.SIGTERM)] + [(0.003, signal.SIGTERM)] * 150
+    result = spell_run("cast", "test/demo", "--allow-unsigned", env=env, signals=burst,
+                       timeout=15)
     assert_sane(result)  # and spell_run found nothing left running
     assert result.returncode != 0
 
@@ -124,8 +129,9 @@ def test_sigterm_to_spell_runner_stops_the_step_and_its_descendants(
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"bundle_dir": str(bundle), "steps": [
         {"name": "run", "uses": "shell", "run": "steps/run.sh"}], "checks": []}))
-    result = spell_run("--plan", plan, pyz_path=pyz.runner,
-                       signals=[(1.2, signal.SIGTERM)], timeout=6)
+    env, ready = ready_file(tmp_path)
+    result = spell_run("--plan", plan, pyz_path=pyz.runner, env=env,
+                       signals=[(ready, signal.SIGTERM)], timeout=15)
     assert_refused(result, "spell-runner: interrupted")
 
 

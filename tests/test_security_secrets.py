@@ -139,9 +139,12 @@ def test_interrupted_cast_leaves_no_input_file_behind(
         make_bundle, cli, spell_run, tmp_path):
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
-    installed(cli, make_bundle(files={"steps/run.sh": "#!/bin/sh\nsleep 30\n"}))
+    step = "#!/bin/sh\ntouch \"$READY\"\nsleep 30\n"
+    installed(cli, make_bundle(files={"steps/run.sh": step}))
+    ready = tmp_path / "ready"
     result = spell_run("cast", "test/demo", "--allow-unsigned", "-p", f"password={SECRET}",
-                       env={"TMPDIR": str(tmp)}, signals=[(1.5, signal.SIGTERM)])
+                       env={"TMPDIR": str(tmp), "READY": str(ready)},
+                       signals=[(ready.exists, signal.SIGTERM)])
     assert_refused(result, "cast interrupted", stdout=None)
     assert list(tmp.iterdir()) == []
 
