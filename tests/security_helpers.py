@@ -93,7 +93,7 @@ def _alive(pid: int) -> bool:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return False
-    return raw[raw.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
+    return raw[raw.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 def marked_processes(mark: str) -> list[int]:
@@ -138,8 +138,11 @@ def leftovers(mark: str, grace: float = 1.0) -> list[int]:
 
 
 def clean_env(store: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_DROPPED_PREFIXES) and k not in _DROPPED_NAMES}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_DROPPED_PREFIXES) and k not in _DROPPED_NAMES
+    }
     env.update(HOME=str(store.parent), SPELL_HOME=str(store))
     env.update(extra)
     return env
@@ -151,8 +154,15 @@ def spell_run(pyz, store, tmp_path):
     io_dir.mkdir()
     counter = iter(range(1_000_000))
 
-    def run(*args, env=None, timeout=20.0, pyz_path=None, signals=(), cwd=None,
-            check_leftovers=True) -> Outcome:
+    def run(
+        *args,
+        env=None,
+        timeout=20.0,
+        pyz_path=None,
+        signals=(),
+        cwd=None,
+        check_leftovers=True,
+    ) -> Outcome:
         mark = f"spell-security-{uuid.uuid4().hex}"
         full_env = clean_env(store, SECURITY_MARK=mark, **(env or {}))
         n = next(counter)
@@ -163,8 +173,15 @@ def spell_run(pyz, store, tmp_path):
         next_poll = 0.0
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             began = time.monotonic()
-            proc = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=full_env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         peak = 0
         hung = False
         try:
@@ -196,12 +213,19 @@ def spell_run(pyz, store, tmp_path):
                     pass
                 proc.wait()
         seconds = time.monotonic() - began
-        outcome = Outcome(proc.returncode, out_path.read_text(errors="replace"),
-                          err_path.read_text(errors="replace"), peak, seconds)
+        outcome = Outcome(
+            proc.returncode,
+            out_path.read_text(errors="replace"),
+            err_path.read_text(errors="replace"),
+            peak,
+            seconds,
+        )
         left = leftovers(mark) if check_leftovers else []
         if hung:
-            pytest.fail(f"spell {' '.join(map(str, args))[:200]} still running after "
-                        f"{timeout}s (stderr: {outcome.stderr[-300:]!r})")
+            pytest.fail(
+                f"spell {' '.join(map(str, args))[:200]} still running after "
+                f"{timeout}s (stderr: {outcome.stderr[-300:]!r})"
+            )
         assert not left, f"processes left running after spell exited: {left}"
         return outcome
 
@@ -211,17 +235,24 @@ def spell_run(pyz, store, tmp_path):
 def assert_sane(outcome: Outcome) -> None:
     assert "Traceback" not in outcome.stderr, outcome.stderr[-2000:]
     assert "internal error" not in outcome.stderr, outcome.stderr[-2000:]
-    assert outcome.peak_kib < MEMORY_BUDGET_KIB, (
-        f"peak memory {outcome.peak_kib} KiB over {MEMORY_BUDGET_KIB} KiB")
+    assert (
+        outcome.peak_kib < MEMORY_BUDGET_KIB
+    ), f"peak memory {outcome.peak_kib} KiB over {MEMORY_BUDGET_KIB} KiB"
 
 
-def assert_refused(outcome: Outcome, message: str | None = None, *,
-                   prefix: str | None = None, stdout: str | None = "") -> None:
+def assert_refused(
+    outcome: Outcome,
+    message: str | None = None,
+    *,
+    prefix: str | None = None,
+    stdout: str | None = "",
+) -> None:
     """Exit 1 with exactly one line on stderr, and nothing else went wrong."""
     assert_sane(outcome)
     assert outcome.returncode == 1, (outcome.returncode, outcome.stderr[-500:])
-    assert outcome.stderr.endswith("\n") and outcome.stderr.count("\n") == 1, \
-        outcome.stderr[-2000:]
+    assert (
+        outcome.stderr.endswith("\n") and outcome.stderr.count("\n") == 1
+    ), outcome.stderr[-2000:]
     if message is not None:
         assert outcome.stderr == message + "\n"
     if prefix is not None:
@@ -239,7 +270,7 @@ def assert_ok(outcome: Outcome) -> None:
 
 
 def snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict:
-    """Every entry under ``root`` (not following links) with its type, size and mtime."""
+    """Every entry under ``root`` (links not followed): its type, size and mtime."""
     found = {}
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
@@ -247,8 +278,11 @@ def snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict:
         for name in dirs + files:
             path = here / name
             info = path.lstat()
-            found[str(path.relative_to(root))] = (info.st_mode, info.st_size,
-                                                  info.st_mtime_ns)
+            found[str(path.relative_to(root))] = (
+                info.st_mode,
+                info.st_size,
+                info.st_mtime_ns,
+            )
     return found
 
 
@@ -264,15 +298,19 @@ class Outside:
         self._before = self._state()
 
     def _state(self) -> dict:
-        return {"outside": snapshot(self.root),
-                "home": snapshot(self.home, skip=(self.store,))}
+        return {
+            "outside": snapshot(self.root),
+            "home": snapshot(self.home, skip=(self.store,)),
+        }
 
     def changes(self) -> dict:
         before, after = self._before, self._state()
         diff = {}
         for area in before:
             names = set(before[area]) | set(after[area])
-            changed = sorted(n for n in names if before[area].get(n) != after[area].get(n))
+            changed = sorted(
+                n for n in names if before[area].get(n) != after[area].get(n)
+            )
             if changed:
                 diff[area] = changed
         return diff
