@@ -53,7 +53,7 @@ LOG_MAX_BYTES = 64 * 1024 * 1024
 #: YAML limits: nesting depth, alias uses and nodes after alias expansion.
 YAML_MAX_DEPTH = 64
 YAML_MAX_ALIASES = 100
-YAML_MAX_NODES = 100_000
+YAML_MAX_NODES = 10_000
 #: JSON nesting accepted from any file or request.
 JSON_MAX_DEPTH = 200
 #: Git may be slow on a large repository, but never hang a CLI forever.
@@ -554,8 +554,14 @@ def _yaml_loader_class():
             super().__init__(stream)
             self._depth = 0
             self._aliases = 0
+            self._nodes = 0
 
         def compose_node(self, parent, index):
+            self._nodes += 1
+            if self._nodes > YAML_MAX_NODES:
+                # Counted while composing, so a huge document stops early
+                # instead of being parsed whole first.
+                raise yaml.YAMLError(f"more than {YAML_MAX_NODES} nodes")
             if self.check_event(yaml.AliasEvent):
                 self._aliases += 1
                 if self._aliases > YAML_MAX_ALIASES:
@@ -723,6 +729,24 @@ def _expanded_size(value, limit: int) -> int:
     return size(value)
 
 
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value) -> bool:
+    """True when a key or string anywhere in ``value`` cannot be UTF-8."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE_RE.search(item):
+                return True
+        elif isinstance(item, (dict, list)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.keys() if isinstance(item, dict) else ())
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return False
+
+
 def parse_manifest_yaml(data: bytes):
     """Parse manifest bytes; raises ``ManifestError`` with the original's prefix."""
     yaml = require("yaml", "PyYAML")
@@ -745,6 +769,11 @@ def parse_manifest_yaml(data: bytes):
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as exc:
         detail = " ".join(str(exc).split())
         raise ManifestError(f"failed to parse spell.yaml: {detail}") from None
+    if _has_lone_surrogate(value):
+        raise ManifestError(
+            "failed to parse spell.yaml: a string holds a lone surrogate "
+            "(not valid Unicode text)"
+        )
     if _expanded_size(value, YAML_MAX_NODES) > YAML_MAX_NODES:
         raise ManifestError(
             f"failed to parse spell.yaml: document expands to more than "
@@ -1189,6 +1218,8 @@ def _check_installable(manifest: dict) -> None:
     if manifest["version"].startswith("."):
         # Listings skip hidden folders, so such a version could never be found.
         raise InstallError(f"version must not start with '.': {manifest['version']}")
+    if manifest["version"] == "spell.id.txt":
+        raise InstallError("version must not be 'spell.id.txt' (the id file's name)")
     if (
         len(id_key(manifest["id"])) > NAME_MAX
         or len(manifest["version"].encode()) > NAME_MAX
@@ -1272,11 +1303,19 @@ def _commit_install(root: str, manifest: dict, provenance: dict) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _read_id_file(path: str) -> str | None:
-    """The trimmed id in ``spell.id.txt``; None if it is missing or not a small file."""
+def _read_id_file(path: str, *, strict: bool = False) -> str | None:
+    """The trimmed id in ``spell.id.txt``; None if it is missing.
+
+    A file that is not a small regular file (a FIFO, a huge or sparse file)
+    is also None, unless ``strict`` asks for the error saying what it is.
+    """
     try:
         data = read_file(path, 4096, "spell.id.txt")
-    except (OSError, SpellError):
+    except OSError:
+        return None
+    except SpellError:
+        if strict:
+            raise
         return None
     return js_trim(data.decode("utf-8", "replace"))
 
@@ -1298,7 +1337,7 @@ def resolve_installed(spell_id: str, version: str | None) -> tuple[str, dict]:
     id_dir = store_path("spells", id_key(spell_id))
     if len(id_key(spell_id)) > NAME_MAX or not os.path.isdir(id_dir):
         raise NotFound(f"spell not installed: {spell_id}")
-    stored = _read_id_file(os.path.join(id_dir, "spell.id.txt"))
+    stored = _read_id_file(os.path.join(id_dir, "spell.id.txt"), strict=True)
     if stored is None:
         raise NotFound(f"missing spell.id.txt for {spell_id}")
     if stored != spell_id:
@@ -1335,7 +1374,12 @@ def installed_bundles(warn=None) -> list[tuple[str, dict]]:
     for entry in entries:
         if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
             continue
-        stored = _read_id_file(os.path.join(entry.path, "spell.id.txt"))
+        try:
+            stored = _read_id_file(os.path.join(entry.path, "spell.id.txt"), strict=True)
+        except SpellError as exc:
+            if warn:
+                warn(f"skipping {entry.path}: {exc.message}")
+            continue
         if stored is None:
             if warn:
                 warn(f"skipping {entry.path}: missing spell.id.txt")
@@ -3483,6 +3527,20 @@ def _run_bounded(func, timeout_s: float):
             handle.write(data)
         os._exit(0)
     os.close(write_fd)
+    try:
+        return _await_bounded(pid, read_fd, timeout_s)
+    except BaseException:
+        # Interrupted (SIGTERM, Ctrl-C) or failed: the validator must not outlive
+        # the cast, nor keep its stdout and stderr open.
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
+
+
+def _await_bounded(pid: int, read_fd: int, timeout_s: float):
     import selectors
 
     chunks, deadline = [], time.monotonic() + timeout_s
@@ -3643,6 +3701,8 @@ def secret_values(env, input_obj=None) -> list[str]:
             stack.extend((key, v) for v in item)
         elif secret_key and isinstance(item, str) and js_trim(item):
             found.add(item)
+        elif secret_key and _is_number(item):
+            found.add(spell_runner.dumps_js(item))  # as a step would print it
     return sorted(
         (v for v in found if len(v) >= SECRET_MIN_LENGTH), key=len, reverse=True
     )
@@ -3774,11 +3834,20 @@ def cast(opts: dict, io) -> dict:
         "error": None,
         "error_code": None,
     }
-    restore = _trap_sigterm()
+    guard = _SigtermGuard()
     try:
-        _cast_pipeline(opts, io, log, env, secrets_list)
-        # Only the execution is interruptible: the log is written whole.
-        restore()
+        return _cast_and_log(opts, io, log, env, secrets_list, outcome, guard)
+    finally:
+        guard.release()
+
+
+def _cast_and_log(opts, io, log, env, secrets_list, outcome, guard) -> dict:
+    """Run the pipeline, then write the log and report, success or failure."""
+    try:
+        try:
+            _cast_pipeline(opts, io, log, env, secrets_list)
+        finally:
+            guard.defer()  # only the execution is interruptible: logs are whole
         log["success"] = True
         log["finished_at"] = iso_now()
         secrets_list = secret_values(env, log.get("input"))
@@ -3800,8 +3869,6 @@ def cast(opts: dict, io) -> dict:
         except OSError:
             pass
         raise
-    finally:
-        restore()
     secrets_list = secret_values(env, log.get("input"))
     log["finished_at"] = iso_now()
     log["error"] = message
@@ -3818,26 +3885,41 @@ def cast(opts: dict, io) -> dict:
     return outcome
 
 
-def _trap_sigterm():
-    """Turn SIGTERM into KeyboardInterrupt while a cast runs, so steps are stopped."""
-    import signal
-    import threading
+class _SigtermGuard:
+    """SIGTERM during a cast: stop the steps, but never cut the log short.
 
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    While the steps run, SIGTERM raises ``KeyboardInterrupt`` so the engine
+    kills what they started.  Once they are done (``defer``) a SIGTERM is only
+    noted, and ``release`` delivers it after the log is written.
+    """
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    def __init__(self):
+        import signal
+        import threading
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    restored = []
+        self._signal = signal
+        self._active = threading.current_thread() is threading.main_thread()
+        self._deferred = False
+        self._pending = False
+        if self._active:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-    def restore() -> None:
-        if not restored:
-            restored.append(True)
-            signal.signal(signal.SIGTERM, previous)
+    def _handle(self, signum, frame):
+        if self._deferred:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
 
-    return restore
+    def defer(self) -> None:
+        self._deferred = True
+
+    def release(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        self._signal.signal(self._signal.SIGTERM, self._previous)
+        if self._pending:
+            self._signal.raise_signal(self._signal.SIGTERM)
 
 
 def _cast_pipeline(opts: dict, io, log: dict, env, secrets_list: list) -> None:
@@ -3983,6 +4065,9 @@ def _run_on_host(
             "env": step_environment(env),
             "step_timeout_ms": limits["step_timeout_ms"],
             "execution_timeout_ms": limits["execution_timeout_ms"],
+            # Masked by the runner before it cuts heads and output, so a cut
+            # never leaves the first characters of a secret in the log.
+            "redact": secret_values(env, merged),
         }
         on_event = (
             _progress_printer(io, secret_values(env, merged)) if verbose else None
@@ -4279,6 +4364,8 @@ def run_in_docker(
             "env": {},
             "step_timeout_ms": limits["step_timeout_ms"],
             "execution_timeout_ms": timeout_ms,
+            # Only what the container already holds: its tokens and the input.
+            "redact": secret_values(passed, merged),
         }
         for filename, value in (("input.json", merged), ("plan.json", plan)):
             write_atomic(
@@ -4435,7 +4522,68 @@ import tempfile
 import threading
 import urllib.parse
 from collections import deque
-from dataclasses import dataclass, field
+
+class _Record:
+    """A small record whose fields are the class's annotations, in order.
+
+    Defaults are class attributes; records are immutable unless the class sets
+    ``_mutable``.  It stands in for ``dataclasses``, whose import (with
+    ``inspect``) would cost every ``spell`` command several milliseconds.
+    """
+
+    _fields: tuple = ()
+    _mutable = False
+    _no_repr: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            for name in vars(klass).get("__annotations__", {}):
+                if not name.startswith("_") and name not in names:
+                    names.append(name)
+        cls._fields = tuple(names)
+
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(self._fields):
+            raise TypeError(f"{type(self).__name__} takes {len(self._fields)} fields")
+        values = dict(zip(self._fields, args))
+        for name, value in kwargs.items():
+            if name not in self._fields or name in values:
+                raise TypeError(f"{type(self).__name__}: unexpected field {name!r}")
+            values[name] = value
+        for name in self._fields:
+            if name not in values:
+                if not hasattr(type(self), name):
+                    raise TypeError(f"{type(self).__name__}: missing field {name!r}")
+                values[name] = getattr(type(self), name)
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name, value):
+        if not self._mutable:
+            raise AttributeError(f"{type(self).__name__} is immutable")
+        object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self):
+        return hash((type(self), self._values()))
+
+    def __repr__(self):
+        shown = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in self._fields
+            if name not in self._no_repr
+        )
+        return f"{type(self).__name__}({shown})"
+
+
 
 #: Stand-alone defaults (`spell api`); the embedding function binds port 0.
 API_DEFAULT_HOST = "127.0.0.1"
@@ -4589,8 +4737,7 @@ def _setting_csv(env, name: str) -> tuple[str, ...]:
     return tuple(item for item in (js_trim(part) for part in raw.split(",")) if item)
 
 
-@dataclass(frozen=True)
-class ApiSettings:
+class ApiSettings(_Record):
     """Everything the server is configured with; immutable, shared by threads.
 
     Field names follow the embedding options; ``start_execution_api_server``
@@ -4643,7 +4790,7 @@ def api_settings(**options) -> ApiSettings:
     values = {}
     for key, value in options.items():
         name = _OPTION_ALIASES.get(key, key)
-        if name not in ApiSettings.__dataclass_fields__:
+        if name not in ApiSettings._fields:
             raise TypeError(f"unknown execution api option: {key}")
         values[name] = value
     for name in ("auth_tokens", "auth_keys"):
@@ -4709,8 +4856,7 @@ def api_settings_from_env(env, *, host=None, port=None, registry=None) -> ApiSet
 # Auth ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AuthKey:
+class AuthKey(_Record):
     """One configured key: the tenant and role a token stands for."""
 
     tenant: str
@@ -4718,8 +4864,7 @@ class AuthKey:
     token: str
 
 
-@dataclass(frozen=True)
-class AuthContext:
+class AuthContext(_Record):
     """Who is calling: tenant, role (None unless bound by a key) and mode."""
 
     tenant: str = API_DEFAULT_TENANT
@@ -4856,8 +5001,7 @@ _BUTTON_REQUIRED = (
 )
 
 
-@dataclass(frozen=True)
-class Button:
+class Button(_Record):
     """One registry entry: a pinned spell and the guards to run it."""
 
     button_id: str
@@ -4886,11 +5030,12 @@ class Button:
         }
 
 
-@dataclass(frozen=True)
-class ButtonRegistry:
+class ButtonRegistry(_Record):
+    _no_repr = ("by_id",)
+
     version: str
     buttons: tuple
-    by_id: dict = field(repr=False)
+    by_id: dict
 
 
 def _validate_registry(doc) -> list[str]:
@@ -6491,9 +6636,10 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
-@dataclass
-class ApiResponse:
+class ApiResponse(_Record):
     """Status, headers and body bytes of one answer."""
+
+    _mutable = True
 
     status: int
     headers: list

@@ -841,3 +841,23 @@ def test_an_internal_error_still_leaves_a_log(run_cli, store, monkeypatch):
     log = latest_log(store)
     assert log["success"] is False
     assert log["error"] == "internal error: RuntimeError: engine exploded"
+
+
+def test_sigterm_after_the_steps_is_delivered_once_the_log_is_written():
+    import signal
+
+    import spell
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        guard = spell._SigtermGuard()
+        with pytest.raises(KeyboardInterrupt):  # during the steps: stop them
+            signal.raise_signal(signal.SIGTERM)
+        guard.defer()  # the steps are done: only note it while the log is written
+        signal.raise_signal(signal.SIGTERM)
+        assert seen == []
+        guard.release()  # the log is written: now it is delivered
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -84,11 +84,6 @@ def test_id_argument_with_path_parts_finds_nothing_outside_the_store(
     assert outside.changes() == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lone surrogate in id or version (a YAML "
-    "\\ud800 escape) ends in 'internal error: UnicodeEncodeError'",
-)
 @pytest.mark.parametrize("field", ["id", "version"])
 def test_lone_surrogate_in_manifest_id_or_version_is_refused_with_one_line(
     field, make_bundle, spell_run, store
@@ -111,11 +106,6 @@ def test_version_starting_with_a_dot_is_not_installed_out_of_sight(
     assert not (store / "spells").exists() or not os.listdir(store / "spells")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="version 'spell.id.txt' collides with the id "
-    "file: a raw 'EISDIR: ... .spell.id.txt.<hex>.tmp' error",
-)
 def test_version_named_like_the_id_file_is_refused_clearly(
     make_bundle, spell_run, store
 ):

@@ -141,12 +141,6 @@ def test_execution_timeout_bounds_an_http_status_check(
     assert result.seconds < 4.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SIGTERM or Ctrl-C while a schema with a "
-    "pattern is validated leaves the forked validator running (it also "
-    "holds the cast's stdout and stderr)",
-)
 def test_interrupt_during_a_slow_schema_pattern_leaves_no_validator_running(
     make_bundle, cli, spell_run
 ):

@@ -199,12 +199,6 @@ def test_interrupted_cast_leaves_no_input_file_behind(
     assert list(tmp.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="only string values under secret-looking keys "
-    "are collected: -p api_token=12345678 (a number) is logged in clear "
-    "wherever a step prints it",
-)
 def test_numeric_value_under_a_secret_key_is_masked_in_step_output(
     make_bundle, cli, spell_run, store
 ):
@@ -217,12 +211,6 @@ def test_numeric_value_under_a_secret_key_is_masked_in_step_output(
     assert "987654321" not in log_texts(store)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the host does not pass its secrets to the "
-    "runner (plan key 'redact'), so stdout_head, cut at 200 characters "
-    "before redaction, keeps the first characters of a secret",
-)
 def test_secret_cut_by_the_result_head_leaves_no_prefix_in_the_log(
     make_bundle, cli, spell_run, store
 ):

@@ -154,9 +154,9 @@ def test_special_id_files_are_skipped_not_read(make_bundle, run_cli, store):
     os.mkfifo(id_file)
     code, out, err = run_cli("list")
     assert (code, out) == (0, "No spells installed\n")
-    assert "missing spell.id.txt" in err
+    assert f"spell.id.txt is not a regular file: {id_file}" in err
     assert run_cli("inspect", "test/demo") == (
-        1, "", "missing spell.id.txt for test/demo\n")
+        1, "", f"spell.id.txt is not a regular file: {id_file}\n")
 
 
 def test_list_skips_an_id_mismatch(make_bundle, run_cli, store):
