@@ -231,12 +231,6 @@ def test_runner_prints_step_output_as_escaped_json(spell_run, pyz, tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lone surrogate in a manifest string (YAML "
-    '"\\ud800") installs, then list, inspect and cast end in \'internal '
-    "error: UnicodeEncodeError' (a failed cast writes no log)",
-)
 @pytest.mark.parametrize("field", ["name", "effect-target"])
 def test_lone_surrogate_in_a_manifest_string_is_printed_escaped(
     field, make_bundle, spell_run
