@@ -1896,7 +1896,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run_main(plan_path, events)
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if previous is None:  # set outside Python: the default is all we can restore
+            previous = signal.SIG_DFL
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_main(plan_path: str, events: bool) -> int:

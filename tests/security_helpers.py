@@ -14,9 +14,9 @@ refused with one line on stderr and exit status 1. These helpers run the built
     inherits, so ``leftovers()`` can find them. Output goes to files, never to
     pipes, so a leftover process holding the output cannot hang the test. A
     run past ``timeout`` is killed and fails the test. ``signals`` is a list of
-    ``(when, signal)`` sent to the process, ``when`` being seconds after the
-    start or a function that says (polled a few times a second) that the
-    time has come.
+    ``(when, signal)`` sent to the process in order, ``when`` being seconds
+    after the previous one (or the start) or a function that says, polled ten
+    times a second, that the time has come.
 ``assert_refused(outcome, message=None, *, prefix=None)``
     Exit 1, nothing on stdout, exactly one line on stderr (equal to
     ``message`` or starting with ``prefix``), no traceback or internal error.
@@ -30,6 +30,9 @@ refused with one line on stderr and exit status 1. These helpers run the built
 ``cli``
     ``cli(*argv) -> (code, out, err)``: the CLI in-process, for set-up steps
     that are not under test (much faster than a zipapp run).
+``api_server``
+    ``start(buttons, **options) -> (server, client)``: the Execution API in
+    this process, for the few cross-checks of what reaches a receipt.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def _alive(pid: int) -> bool:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return False
-    return raw[raw.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
+    return raw[raw.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 def marked_processes(mark: str) -> list[int]:
@@ -135,8 +138,11 @@ def leftovers(mark: str, grace: float = 1.0) -> list[int]:
 
 
 def clean_env(store: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_DROPPED_PREFIXES) and k not in _DROPPED_NAMES}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_DROPPED_PREFIXES) and k not in _DROPPED_NAMES
+    }
     env.update(HOME=str(store.parent), SPELL_HOME=str(store))
     env.update(extra)
     return env
@@ -148,33 +154,53 @@ def spell_run(pyz, store, tmp_path):
     io_dir.mkdir()
     counter = iter(range(1_000_000))
 
-    def run(*args, env=None, timeout=20.0, pyz_path=None, signals=(), cwd=None,
-            check_leftovers=True) -> Outcome:
+    def run(
+        *args,
+        env=None,
+        timeout=20.0,
+        pyz_path=None,
+        signals=(),
+        cwd=None,
+        check_leftovers=True,
+    ) -> Outcome:
         mark = f"spell-security-{uuid.uuid4().hex}"
         full_env = clean_env(store, SECURITY_MARK=mark, **(env or {}))
         n = next(counter)
         out_path, err_path = io_dir / f"{n}.out", io_dir / f"{n}.err"
         cmd = [sys.executable, str(pyz_path or pyz.spell), *map(str, args)]
-        timed = sorted((item for item in signals if not callable(item[0])),
-                       key=lambda item: item[0])
-        triggered = [item for item in signals if callable(item[0])]
+        pending = list(signals)
+        last_sent = 0.0  # seconds after the start
         next_poll = 0.0
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             began = time.monotonic()
-            proc = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=full_env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         peak = 0
         hung = False
         try:
             while proc.poll() is None:
                 peak = max(peak, _peak_kib(proc.pid))
                 elapsed = time.monotonic() - began
-                while timed and timed[0][0] <= elapsed:
-                    proc.send_signal(timed.pop(0)[1])
-                if triggered and elapsed >= next_poll:
-                    next_poll = elapsed + 0.2
-                    while triggered and triggered[0][0]():
-                        proc.send_signal(triggered.pop(0)[1])
+                while pending:
+                    when, signum = pending[0]
+                    if callable(when):
+                        if elapsed < next_poll:
+                            break
+                        next_poll = elapsed + 0.1
+                        if not when():
+                            break
+                    elif elapsed - last_sent < when:
+                        break
+                    proc.send_signal(signum)
+                    pending.pop(0)
+                    last_sent = elapsed
                 if elapsed > timeout:
                     hung = True
                     break
@@ -187,12 +213,19 @@ def spell_run(pyz, store, tmp_path):
                     pass
                 proc.wait()
         seconds = time.monotonic() - began
-        outcome = Outcome(proc.returncode, out_path.read_text(errors="replace"),
-                          err_path.read_text(errors="replace"), peak, seconds)
+        outcome = Outcome(
+            proc.returncode,
+            out_path.read_text(errors="replace"),
+            err_path.read_text(errors="replace"),
+            peak,
+            seconds,
+        )
         left = leftovers(mark) if check_leftovers else []
         if hung:
-            pytest.fail(f"spell {' '.join(map(str, args))[:200]} still running after "
-                        f"{timeout}s (stderr: {outcome.stderr[-300:]!r})")
+            pytest.fail(
+                f"spell {' '.join(map(str, args))[:200]} still running after "
+                f"{timeout}s (stderr: {outcome.stderr[-300:]!r})"
+            )
         assert not left, f"processes left running after spell exited: {left}"
         return outcome
 
@@ -202,17 +235,24 @@ def spell_run(pyz, store, tmp_path):
 def assert_sane(outcome: Outcome) -> None:
     assert "Traceback" not in outcome.stderr, outcome.stderr[-2000:]
     assert "internal error" not in outcome.stderr, outcome.stderr[-2000:]
-    assert outcome.peak_kib < MEMORY_BUDGET_KIB, (
-        f"peak memory {outcome.peak_kib} KiB over {MEMORY_BUDGET_KIB} KiB")
+    assert (
+        outcome.peak_kib < MEMORY_BUDGET_KIB
+    ), f"peak memory {outcome.peak_kib} KiB over {MEMORY_BUDGET_KIB} KiB"
 
 
-def assert_refused(outcome: Outcome, message: str | None = None, *,
-                   prefix: str | None = None, stdout: str | None = "") -> None:
+def assert_refused(
+    outcome: Outcome,
+    message: str | None = None,
+    *,
+    prefix: str | None = None,
+    stdout: str | None = "",
+) -> None:
     """Exit 1 with exactly one line on stderr, and nothing else went wrong."""
     assert_sane(outcome)
     assert outcome.returncode == 1, (outcome.returncode, outcome.stderr[-500:])
-    assert outcome.stderr.endswith("\n") and outcome.stderr.count("\n") == 1, \
-        outcome.stderr[-2000:]
+    assert (
+        outcome.stderr.endswith("\n") and outcome.stderr.count("\n") == 1
+    ), outcome.stderr[-2000:]
     if message is not None:
         assert outcome.stderr == message + "\n"
     if prefix is not None:
@@ -230,7 +270,7 @@ def assert_ok(outcome: Outcome) -> None:
 
 
 def snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict:
-    """Every entry under ``root`` (not following links) with its type, size and mtime."""
+    """Every entry under ``root`` (links not followed): its type, size and mtime."""
     found = {}
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
@@ -238,8 +278,11 @@ def snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict:
         for name in dirs + files:
             path = here / name
             info = path.lstat()
-            found[str(path.relative_to(root))] = (info.st_mode, info.st_size,
-                                                  info.st_mtime_ns)
+            found[str(path.relative_to(root))] = (
+                info.st_mode,
+                info.st_size,
+                info.st_mtime_ns,
+            )
     return found
 
 
@@ -255,15 +298,19 @@ class Outside:
         self._before = self._state()
 
     def _state(self) -> dict:
-        return {"outside": snapshot(self.root),
-                "home": snapshot(self.home, skip=(self.store,))}
+        return {
+            "outside": snapshot(self.root),
+            "home": snapshot(self.home, skip=(self.store,)),
+        }
 
     def changes(self) -> dict:
         before, after = self._before, self._state()
         diff = {}
         for area in before:
             names = set(before[area]) | set(after[area])
-            changed = sorted(n for n in names if before[area].get(n) != after[area].get(n))
+            changed = sorted(
+                n for n in names if before[area].get(n) != after[area].get(n)
+            )
             if changed:
                 diff[area] = changed
         return diff
@@ -309,3 +356,31 @@ def log_texts(store: Path) -> str:
     if not logs.is_dir():
         return ""
     return "".join(p.read_text(encoding="utf-8") for p in sorted(logs.glob("*.json")))
+
+
+# The Execution API ##########################################################
+
+
+@pytest.fixture
+def api_server(cli, tmp_path):
+    """``start(buttons, **options) -> (server, client)``: the API in this process.
+
+    ``buttons`` are registry entries (``api_helpers.button``); the server
+    listens on 127.0.0.1 and is closed after the test.
+    """
+    from api_helpers import Client, write_registry
+
+    servers = []
+
+    def start(buttons, **options):
+        registry = write_registry(tmp_path, buttons, name="security-registry.json")
+        options.setdefault("quiet", True)
+        server = spell.start_execution_api_server(registryPath=str(registry), **options)
+        servers.append(server)
+        keys = options.get("authKeys") or []
+        token = keys[0].split("=", 1)[1] if keys else None  # "role=token"
+        return server, Client(server, token=token)
+
+    yield start
+    for server in servers:
+        server.close(cancel=True)

@@ -31,7 +31,7 @@ WEAK_KEYS = {
     "non-canonical": bytes.fromhex("ee" + "ff" * 30 + "7f"),  # y = p + 1
 }
 BILLING = {"enabled": True, "mode": "on_success", "currency": "USD", "max_amount": 10}
-STEP_MARKS = "#!/bin/sh\ntouch \"$MARK\"\necho ran\n"
+STEP_MARKS = '#!/bin/sh\ntouch "$MARK"\necho ran\n'
 
 
 def spki(raw: bytes) -> str:
@@ -41,19 +41,29 @@ def spki(raw: bytes) -> str:
 @pytest.mark.parametrize("name", sorted(WEAK_KEYS))
 def test_small_order_public_key_is_refused_by_trust_add(name, spell_run, store):
     result = spell_run("trust", "add", "acme", spki(WEAK_KEYS[name]))
-    assert_refused(result, "invalid public key: weak Ed25519 key (a point of small "
-                           "order)")
+    assert_refused(
+        result, "invalid public key: weak Ed25519 key (a point of small " "order)"
+    )
     assert not (store / "trust").exists() or not any((store / "trust").rglob("*.json"))
 
 
 def test_forged_signature_under_a_small_order_trusted_key_runs_nothing(
-        make_bundle, cli, spell_run, store, tmp_path):
+    make_bundle, cli, spell_run, store, tmp_path
+):
     bundle = make_bundle(files={"steps/run.sh": STEP_MARKS})
     digest = spell.bundle_digest(str(bundle)).hex()
-    (bundle / "spell.sig.json").write_text(json.dumps({
-        "version": "v1", "publisher": "test", "key_id": "default", "algorithm": "ed25519",
-        "digest": {"algorithm": "sha256", "value": digest},
-        "signature": FORGED_SIGNATURE}))
+    (bundle / "spell.sig.json").write_text(
+        json.dumps(
+            {
+                "version": "v1",
+                "publisher": "test",
+                "key_id": "default",
+                "algorithm": "ed25519",
+                "digest": {"algorithm": "sha256", "value": digest},
+                "signature": FORGED_SIGNATURE,
+            }
+        )
+    )
     installed(cli, bundle)
     write_trust(store, "test", [("default", spki(IDENTITY))])  # written by hand
     message = "invalid trusted public key: weak Ed25519 key (a point of small order)"
@@ -67,31 +77,53 @@ def test_forged_signature_under_a_small_order_trusted_key_runs_nothing(
 
 
 def test_licence_forged_under_a_small_order_issuer_key_unlocks_nothing(
-        make_bundle, cli, spell_run, store):
+    make_bundle, cli, spell_run, store
+):
     installed(cli, make_bundle(billing=BILLING))
     write_trust(store, "entitlement-dev", [("k1", spki(IDENTITY))])
-    claims = {"version": "v1", "issuer": "entitlement-dev", "key_id": "k1",
-              "mode": "on_success", "currency": "USD", "max_amount": 25,
-              "not_before": "2020-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z"}
+    claims = {
+        "version": "v1",
+        "issuer": "entitlement-dev",
+        "key_id": "k1",
+        "mode": "on_success",
+        "currency": "USD",
+        "max_amount": 25,
+        "not_before": "2020-01-01T00:00:00Z",
+        "expires_at": "2099-01-01T00:00:00Z",
+    }
     payload = spell.b64url_encode(json.dumps(claims).encode())
     token = f"ent1.{payload}.{FORGED_SIGNATURE}"
     added = spell_run("license", "add", "forged", token)
-    assert_refused(added, "invalid trusted public key: weak Ed25519 key (a point of "
-                          "small order)")
+    assert_refused(
+        added,
+        "invalid trusted public key: weak Ed25519 key (a point of " "small order)",
+    )
     # The same licence written into the store by hand.
     (store / "licenses").mkdir(parents=True, exist_ok=True)
-    (store / "licenses" / (spell.id_key("forged") + ".json")).write_text(json.dumps({
-        "version": "v2", "name": "forged", "token": token,
-        "token_metadata": {"format": "ent1", "payload_base64url": payload,
-                           "signature_base64url": FORGED_SIGNATURE},
-        "entitlement": claims, "created_at": "2026-01-01T00:00:00.000Z",
-        "updated_at": "2026-01-01T00:00:00.000Z"}))
+    (store / "licenses" / (spell.id_key("forged") + ".json")).write_text(
+        json.dumps(
+            {
+                "version": "v2",
+                "name": "forged",
+                "token": token,
+                "token_metadata": {
+                    "format": "ent1",
+                    "payload_base64url": payload,
+                    "signature_base64url": FORGED_SIGNATURE,
+                },
+                "entitlement": claims,
+                "created_at": "2026-01-01T00:00:00.000Z",
+                "updated_at": "2026-01-01T00:00:00.000Z",
+            }
+        )
+    )
     cast = spell_run("cast", "test/demo", "--allow-unsigned", "--allow-billing")
     assert_refused(cast, "billing enabled requires matching entitlement token")
 
 
 def test_signature_with_a_non_canonical_scalar_does_not_verify(
-        make_bundle, cli, spell_run, store):
+    make_bundle, cli, spell_run, store
+):
     key = new_key()
     bundle = make_bundle()
     record = sign_by_hand(bundle, key, publisher="test")
@@ -107,13 +139,16 @@ def test_signature_with_a_non_canonical_scalar_does_not_verify(
 
 
 def test_step_that_rewrites_its_installed_files_cannot_run_unsigned_code_later(
-        make_bundle, cli, spell_run, tmp_path):
+    make_bundle, cli, spell_run, tmp_path
+):
     """Steps run inside the installed bundle (cwd); the digest catches a rewrite."""
     mark = tmp_path / "second-run"
-    step = ("#!/bin/sh\n"
-            f"printf '#!/bin/sh\\ntouch %s\\n' '{mark}' > steps/next.sh\n"
-            "chmod +x steps/next.sh && mv steps/next.sh steps/run.sh\n"
-            "echo rewritten\n")
+    step = (
+        "#!/bin/sh\n"
+        f"printf '#!/bin/sh\\ntouch %s\\n' '{mark}' > steps/next.sh\n"
+        "chmod +x steps/next.sh && mv steps/next.sh steps/run.sh\n"
+        "echo rewritten\n"
+    )
     key = new_key()
     bundle = make_bundle(files={"steps/run.sh": step})
     sign_by_hand(bundle, key, publisher="test")
@@ -129,30 +164,46 @@ def test_step_that_rewrites_its_installed_files_cannot_run_unsigned_code_later(
 def licensed(make_bundle, cli, store):
     """A billing bundle and a valid licence from a trusted issuer: the issuer's key."""
     key = new_key()
-    assert cli("trust", "add", "entitlement-dev", public_b64(key), "--key-id", "k1")[0] == 0
+    assert (
+        cli("trust", "add", "entitlement-dev", public_b64(key), "--key-id", "k1")[0]
+        == 0
+    )
     installed(cli, make_bundle(billing=BILLING))
     assert cli("license", "add", "dev", make_token(key))[0] == 0
     return key
 
 
-def test_licence_stops_unlocking_once_its_issuer_key_is_replaced(licensed, cli, spell_run):
+def test_licence_stops_unlocking_once_its_issuer_key_is_replaced(
+    licensed, cli, spell_run
+):
     assert_ok(spell_run("cast", "test/demo", "--allow-unsigned", "--allow-billing"))
-    code, _, err = cli("trust", "add", "entitlement-dev", public_b64(new_key()),
-                       "--key-id", "k1")
+    code, _, err = cli(
+        "trust", "add", "entitlement-dev", public_b64(new_key()), "--key-id", "k1"
+    )
     assert code == 0, err
     cast = spell_run("cast", "test/demo", "--allow-unsigned", "--allow-billing")
     assert_refused(cast, "billing enabled requires matching entitlement token")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("max_amount", 1_000_000), ("mode", "upfront"), ("expires_at", "2999-01-01T00:00:00Z"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_amount", 1_000_000),
+        ("mode", "upfront"),
+        ("expires_at", "2999-01-01T00:00:00Z"),
+    ],
+)
 def test_licence_record_with_edited_claims_unlocks_nothing(
-        field, value, licensed, make_bundle, cli, spell_run, store):
-    """The stored claims must equal the signed token's: editing them voids the licence."""
+    field, value, licensed, make_bundle, cli, spell_run, store
+):
+    """Stored claims must equal the signed token's: editing them voids the licence."""
     path = store / "licenses" / (spell.id_key("dev") + ".json")
-    small = make_token(licensed, max_amount=5, mode="upfront" if field != "mode"
-                       else "on_success", expires_at="2099-01-01T00:00:00Z")
+    small = make_token(
+        licensed,
+        max_amount=5,
+        mode="upfront" if field != "mode" else "on_success",
+        expires_at="2099-01-01T00:00:00Z",
+    )
     assert cli("license", "add", "dev", small)[0] == 0
     record = json.loads(path.read_text())
     record["entitlement"][field] = value

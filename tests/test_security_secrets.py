@@ -32,8 +32,9 @@ class Recorder:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self):
                 length = int(self.headers.get("content-length") or 0)
-                recorder.requests.append({"path": self.path,
-                                          "body": self.rfile.read(length).decode()})
+                recorder.requests.append(
+                    {"path": self.path, "body": self.rfile.read(length).decode()}
+                )
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(answer)))
@@ -75,14 +76,24 @@ def http_bundle(make_bundle, definition: dict, **fields):
 
 
 def test_input_value_holding_an_env_template_is_sent_verbatim(
-        make_bundle, cli, spell_run, store, recorder):
+    make_bundle, cli, spell_run, store, recorder
+):
     server = recorder()
-    definition = {"method": "POST", "url": server.base + "/hook?m={{INPUT.msg}}",
-                  "body": {"text": "{{INPUT.msg}}", "whole": "say {{INPUT.msg}}"}}
+    definition = {
+        "method": "POST",
+        "url": server.base + "/hook?m={{INPUT.msg}}",
+        "body": {"text": "{{INPUT.msg}}", "whole": "say {{INPUT.msg}}"},
+    }
     installed(cli, http_bundle(make_bundle, definition))
     template = "{{ENV.APP_SECRET}}"
-    result = spell_run("cast", "test/demo", "--allow-unsigned", "-p", f"msg={template}",
-                       env={"APP_SECRET": SECRET})
+    result = spell_run(
+        "cast",
+        "test/demo",
+        "--allow-unsigned",
+        "-p",
+        f"msg={template}",
+        env={"APP_SECRET": SECRET},
+    )
     assert_ok(result)
     [request] = server.requests
     assert SECRET not in json.dumps(request)
@@ -91,75 +102,123 @@ def test_input_value_holding_an_env_template_is_sent_verbatim(
 
 
 def test_api_auth_keys_never_reach_a_step(make_bundle, cli, spell_run, store, recorder):
-    keys = {"SPELL_API_AUTH_KEYS": "admin=" + SECRET, "SPELL_API_AUTH_TOKENS": SECRET + "x"}
+    keys = {
+        "SPELL_API_AUTH_KEYS": "admin=" + SECRET,
+        "SPELL_API_AUTH_TOKENS": SECRET + "x",
+    }
     step = "#!/bin/sh\nenv | grep SPELL_API_ || echo none\n"
     installed(cli, make_bundle(files={"steps/run.sh": step}))
     assert_ok(spell_run("cast", "test/demo", "--allow-unsigned", env=keys))
     assert json.loads(log_texts(store))["outputs"]["step.run.stdout"] == "none\n"
     server = recorder()
-    definition = {"method": "GET", "url": server.base + "/?k={{ENV.SPELL_API_AUTH_KEYS}}"}
+    definition = {
+        "method": "GET",
+        "url": server.base + "/?k={{ENV.SPELL_API_AUTH_KEYS}}",
+    }
     installed(cli, http_bundle(make_bundle, definition, id="test/http"))
     result = spell_run("cast", "test/http", "--allow-unsigned", env=keys)
-    assert_refused(result, prefix="unresolved template: {{ENV.SPELL_API_AUTH_KEYS}}",
-                   stdout=None)
+    assert_refused(
+        result, prefix="unresolved template: {{ENV.SPELL_API_AUTH_KEYS}}", stdout=None
+    )
     assert server.requests == []
 
 
 def test_connector_token_echoed_by_a_server_is_masked_in_a_check_failure(
-        make_bundle, cli, spell_run, store, recorder):
+    make_bundle, cli, spell_run, store, recorder
+):
     server = recorder(json.dumps({"who": SECRET}).encode())
-    checks = [{"type": "jsonpath_equals",
-               "params": {"from_output": "step.call.json", "path": "who",
-                          "expected": "someone"}}]
-    installed(cli, http_bundle(
-        make_bundle, {"method": "GET", "url": server.base + "/me",
-                      "headers": {"x-token": "{{ENV.CONNECTOR_GITHUB_TOKEN}}"}},
-        checks=checks, permissions=[{"connector": "github", "scopes": ["read"]}]))
-    result = spell_run("cast", "test/demo", "--allow-unsigned",
-                       env={"CONNECTOR_GITHUB_TOKEN": SECRET})
-    assert_refused(result, "check failed: jsonpath mismatch at who: expected someone, "
-                           "got [REDACTED]", stdout=None)
+    checks = [
+        {
+            "type": "jsonpath_equals",
+            "params": {
+                "from_output": "step.call.json",
+                "path": "who",
+                "expected": "someone",
+            },
+        }
+    ]
+    installed(
+        cli,
+        http_bundle(
+            make_bundle,
+            {
+                "method": "GET",
+                "url": server.base + "/me",
+                "headers": {"x-token": "{{ENV.CONNECTOR_GITHUB_TOKEN}}"},
+            },
+            checks=checks,
+            permissions=[{"connector": "github", "scopes": ["read"]}],
+        ),
+    )
+    result = spell_run(
+        "cast", "test/demo", "--allow-unsigned", env={"CONNECTOR_GITHUB_TOKEN": SECRET}
+    )
+    assert_refused(
+        result,
+        "check failed: jsonpath mismatch at who: expected someone, " "got [REDACTED]",
+        stdout=None,
+    )
     assert SECRET not in result.stdout + log_texts(store)
 
 
 def test_secret_written_in_two_pieces_is_masked_in_verbose_output(
-        make_bundle, cli, spell_run, store):
+    make_bundle, cli, spell_run, store
+):
     half = len(SECRET) // 2
-    step = (f"#!/bin/sh\nprintf 'key={SECRET[:half]}'\nsleep 0.3\n"
-            f"printf '{SECRET[half:]} done\\n'\n")
+    step = (
+        f"#!/bin/sh\nprintf 'key={SECRET[:half]}'\nsleep 0.3\n"
+        f"printf '{SECRET[half:]} done\\n'\n"
+    )
     installed(cli, make_bundle(files={"steps/run.sh": step}))
-    result = spell_run("cast", "test/demo", "--allow-unsigned", "--verbose",
-                       env={"APP_SECRET": SECRET})
+    result = spell_run(
+        "cast", "test/demo", "--allow-unsigned", "--verbose", env={"APP_SECRET": SECRET}
+    )
     assert_ok(result)
     assert "[run:stdout] key=[REDACTED] done\n" in result.stderr
     assert SECRET[:half] not in result.stderr and SECRET[half:] not in result.stderr
 
 
 def test_interrupted_cast_leaves_no_input_file_behind(
-        make_bundle, cli, spell_run, tmp_path):
+    make_bundle, cli, spell_run, tmp_path
+):
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
-    installed(cli, make_bundle(files={"steps/run.sh": "#!/bin/sh\nsleep 30\n"}))
-    result = spell_run("cast", "test/demo", "--allow-unsigned", "-p", f"password={SECRET}",
-                       env={"TMPDIR": str(tmp)}, signals=[(1.5, signal.SIGTERM)])
+    step = '#!/bin/sh\ntouch "$READY"\nsleep 30\n'
+    installed(cli, make_bundle(files={"steps/run.sh": step}))
+    ready = tmp_path / "ready"
+    result = spell_run(
+        "cast",
+        "test/demo",
+        "--allow-unsigned",
+        "-p",
+        f"password={SECRET}",
+        env={"TMPDIR": str(tmp), "READY": str(ready)},
+        signals=[(ready.exists, signal.SIGTERM)],
+    )
     assert_refused(result, "cast interrupted", stdout=None)
     assert list(tmp.iterdir()) == []
 
 
 def test_numeric_value_under_a_secret_key_is_masked_in_step_output(
-        make_bundle, cli, spell_run, store):
-    installed(cli, make_bundle(files={"steps/run.sh": "#!/bin/sh\ncat \"$INPUT_JSON\"\n"}))
-    assert_ok(spell_run("cast", "test/demo", "--allow-unsigned", "-p",
-                        "api_token=987654321"))
+    make_bundle, cli, spell_run, store
+):
+    installed(
+        cli, make_bundle(files={"steps/run.sh": '#!/bin/sh\ncat "$INPUT_JSON"\n'})
+    )
+    assert_ok(
+        spell_run("cast", "test/demo", "--allow-unsigned", "-p", "api_token=987654321")
+    )
     assert "987654321" not in log_texts(store)
 
 
 def test_secret_cut_by_the_result_head_leaves_no_prefix_in_the_log(
-        make_bundle, cli, spell_run, store):
+    make_bundle, cli, spell_run, store
+):
     step = f"#!/bin/sh\nprintf '%0190d' 0\necho \" token {SECRET}\"\n"
     installed(cli, make_bundle(files={"steps/run.sh": step}))
-    assert_ok(spell_run("cast", "test/demo", "--allow-unsigned",
-                        env={"APP_SECRET": SECRET}))
+    assert_ok(
+        spell_run("cast", "test/demo", "--allow-unsigned", env={"APP_SECRET": SECRET})
+    )
     assert SECRET[:3] not in log_texts(store)
 
 
@@ -169,8 +228,16 @@ def runner_plan(tmp_path, script: str, redact: list[str]):
     (bundle / "steps" / "run.sh").write_text(script)
     (bundle / "steps" / "run.sh").chmod(0o755)
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"bundle_dir": str(bundle), "redact": redact, "steps": [
-        {"name": "run", "uses": "shell", "run": "steps/run.sh"}], "checks": []}))
+    plan.write_text(
+        json.dumps(
+            {
+                "bundle_dir": str(bundle),
+                "redact": redact,
+                "steps": [{"name": "run", "uses": "shell", "run": "steps/run.sh"}],
+                "checks": [],
+            }
+        )
+    )
     return plan
 
 
@@ -179,9 +246,11 @@ def test_runner_masks_secrets_before_cutting_heads_and_output(spell_run, pyz, tm
     written = 195 + len(SECRET) + 1
     # The output cap keeps the first and last 512 KiB: one secret straddles each edge.
     size = 512 * 1024
-    output_cut = (f"head -c {size - 5 - written} /dev/zero | tr '\\0' x\n"
-                  f"printf '{SECRET}'\nhead -c {2 * size} /dev/zero | tr '\\0' y\n"
-                  f"printf '{SECRET}'\nhead -c {size - 5} /dev/zero | tr '\\0' z\n")
+    output_cut = (
+        f"head -c {size - 5 - written} /dev/zero | tr '\\0' x\n"
+        f"printf '{SECRET}'\nhead -c {2 * size} /dev/zero | tr '\\0' y\n"
+        f"printf '{SECRET}'\nhead -c {size - 5} /dev/zero | tr '\\0' z\n"
+    )
     plan = runner_plan(tmp_path, "#!/bin/sh\n" + head_cut + output_cut, [SECRET])
     result = spell_run("--plan", plan, pyz_path=pyz.runner)
     assert_ok(result)
@@ -194,3 +263,38 @@ def test_runner_masks_secrets_before_cutting_heads_and_output(spell_run, pyz, tm
     assert tail.split(" bytes of output cut]\n", 1)[1].startswith("[REDACTED]z")
     # The whole output keeps the secret itself for the checks; the host masks it.
     assert head.startswith("0" * 195 + SECRET)
+
+
+def test_api_receipt_masks_a_secret_quoted_by_a_failing_check(
+    make_bundle, cli, api_server, recorder
+):
+    from api_helpers import button
+
+    server_http = recorder(json.dumps({"who": SECRET}).encode())
+    checks = [
+        {
+            "type": "jsonpath_equals",
+            "params": {
+                "from_output": "step.call.json",
+                "path": "who",
+                "expected": "someone",
+            },
+        }
+    ]
+    installed(
+        cli,
+        http_bundle(
+            make_bundle, {"method": "GET", "url": "{{INPUT.url}}"}, checks=checks
+        ),
+    )
+    _, client = api_server(
+        [button("leak", "test/demo", defaults={"url": server_http.base + "/me"})],
+        authKeys=["admin=" + SECRET[::-1]],
+    )
+    detail = client.wait(client.launch("leak", input={"password": SECRET}))
+    assert detail["execution"]["status"] == "failed"
+    text = json.dumps(detail)
+    assert SECRET not in text and SECRET[::-1] not in text
+    assert detail["receipt"]["error"] == (
+        "check failed: jsonpath mismatch at who: " "expected someone, got [REDACTED]"
+    )
