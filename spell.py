@@ -427,6 +427,16 @@ def read_json_file(path: str, what: str, *, limit: int = JSON_FILE_MAX_BYTES):
     return parse_json_text(text)
 
 
+def remove_record(path: str, missing: str) -> None:
+    """Delete one file of the store; ``NotFound(missing)`` when it is not there."""
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise NotFound(missing) from None
+        raise
+
+
 def iso_now() -> str:
     return spell_runner.iso_now()
 
@@ -2361,13 +2371,10 @@ def cmd_trust_list(args, io) -> int:
 def cmd_trust_remove(args, io) -> int:
     if not _is_utf8(args.publisher):
         raise NotFound(f"trusted publisher not found: {args.publisher}")
-    path = trust_file_path(args.publisher)
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-            raise NotFound(f"trusted publisher not found: {args.publisher}") from None
-        raise
+    remove_record(
+        trust_file_path(args.publisher),
+        f"trusted publisher not found: {args.publisher}",
+    )
     io.out(f"removed publisher={escape_text(args.publisher)}")
     return 0
 
@@ -2777,12 +2784,7 @@ def cmd_license_remove(args, io) -> int:
         raise LicenseError("license name must be non-empty")
     if not _is_utf8(name):
         raise NotFound(f"license not found: {args.name}")
-    try:
-        os.unlink(license_path(name))
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-            raise NotFound(f"license not found: {args.name}") from None
-        raise
+    remove_record(license_path(name), f"license not found: {args.name}")
     io.out(f"removed license={escape_text(name)}")
     return 0
 
@@ -3127,6 +3129,9 @@ def build_input(base: dict, params: list[str]) -> dict:
         segments = [part for part in js_trim(key).split(".") if part]
         if not segments:
             raise CastError("invalid -p key: empty key")
+        if len(segments) > JSON_MAX_DEPTH:
+            # The same bound as any JSON spell reads: deeper input is refused.
+            raise CastError(f"invalid -p key: more than {JSON_MAX_DEPTH} levels")
         node = merged
         for part in segments[:-1]:
             child = node.get(part)

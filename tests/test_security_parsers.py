@@ -325,12 +325,6 @@ def test_runner_plan_that_is_deep_or_not_json_is_refused(
     assert_refused(result, prefix="spell-runner: " + detail)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="-p with a key of 900+ dotted segments nests the input that deep; "
-    "writing the log (redact) then ends in 'internal error: RecursionError', and no "
-    "log is written, even with --dry-run",
-)
 @pytest.mark.parametrize("levels", [900, 6000])
 def test_param_key_with_thousands_of_dots_is_refused_or_cast(
     levels, make_bundle, cli, spell_run, store
