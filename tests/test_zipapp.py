@@ -247,6 +247,12 @@ def test_pip_install(tmp_path, store):
     proc = subprocess.run([str(target / "bin" / "spell"), "inspect", "x/y"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (1, "spell not installed: x/y\n")
+    proc = subprocess.run([str(target / "bin" / "spell"), "--version"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, f"spell {spell.__version__}\n")
+    proc = subprocess.run([str(target / "bin" / "spell-runner")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("usage: spell-runner")
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
