@@ -1628,6 +1628,9 @@ class _Unreadable(Exception):
         self.detail = detail
 
 
+# TODO: fold read_file (Store section) into these two readers, so that every
+# file spell reads goes through one place; they differ only in how failures
+# are reported (OSError plus a SpellError there, _Unreadable kinds here).
 def _open_regular(path: str, *, follow_symlinks: bool = False) -> tuple[int, int]:
     """Open a regular file for reading; return (descriptor, size).
 
