@@ -8821,8 +8821,34 @@ class SpellArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"error: {message}", self.format_help())
 
 
-def build_parser(stdout=None) -> argparse.ArgumentParser:
-    """The whole command line; each command names its handler with ``func``."""
+class _Unbuilt:
+    """Stands in for the parser of a command this run will not parse."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+
+#: Every command name, so ``main`` can build just the parser it needs.
+COMMANDS = ("install", "list", "inspect", "cast", "sign", "license", "trust",
+            "verify", "policy", "log", "api")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` names, when that alone needs parsing (else None)."""
+    for arg in argv:
+        if arg == "--" or arg.startswith("-"):
+            return None  # an option before the command: parse it all
+        return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(stdout=None, only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; each command names its handler with ``func``.
+
+    With ``only``, the other commands' parsers are not built (building all of
+    them is a good part of a short command's start-up); parsing an argument
+    list that names ``only`` gives the same result.
+    """
 
     class Parser(SpellArgumentParser):
         pass
@@ -8837,6 +8863,8 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="<command>")
 
     def command(name, func, help_text, **kw):
+        if only and name != only:
+            return _Unbuilt()
         sub = commands.add_parser(
             name, help=help_text, description=help_text, allow_abbrev=False, **kw
         )
@@ -8844,6 +8872,8 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
         return sub
 
     def group(name, help_text):
+        if only and name != only:
+            return _Unbuilt(), _Unbuilt()
         sub = commands.add_parser(
             name, help=help_text, description=help_text, allow_abbrev=False
         )
@@ -8851,6 +8881,8 @@ def build_parser(stdout=None) -> argparse.ArgumentParser:
         return sub, sub.add_subparsers(title="commands", metavar="<command>")
 
     def subcommand(parent, name, func, help_text, **kw):
+        if isinstance(parent, _Unbuilt):
+            return parent
         sub = parent.add_parser(
             name, help=help_text, description=help_text, allow_abbrev=False, **kw
         )
@@ -9035,7 +9067,7 @@ def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
         _use_utf8(sys.stdout, sys.stderr)
     io = IO(stdout or sys.stdout, stderr or sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(io.stdout)
+    parser = build_parser(io.stdout, only=_command_of(argv))
     try:
         args, extras = parser.parse_known_args(argv)
         if extras:

@@ -193,3 +193,35 @@ def test_script_exit_status(store):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "spell.py"), "inspect", "x/y"],
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "spell not installed: x/y\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["install", "./b"],
+    ["list", "--json"],
+    ["inspect", "a/b", "--version", "1.0.0"],
+    ["cast", "a/b", "-p", "x=1", "--dry-run", "--allow-unsigned", "--input", "f.json"],
+    ["sign", "keygen", "pub", "--key-id", "k1"],
+    ["sign", "bundle", "./b", "--private-key", "k.pem"],
+    ["license", "add", "dev", "ent1.x.y"],
+    ["trust", "remove", "pub"],
+    ["verify", "a/b", "--json"],
+    ["policy", "validate", "--file", "p.json"],
+    ["log", "x.json"],
+    ["api", "--port", "0"],
+])
+def test_parsing_one_command_matches_the_full_parser(argv):
+    # main() builds only the parser of the command named; the result must be
+    # the one the whole parser gives.
+    def parsed(parser):
+        values = vars(parser.parse_args(argv))
+        values.pop("parser", None)
+        return values
+
+    assert spell._command_of(argv) == argv[0]
+    assert parsed(spell.build_parser(only=argv[0])) == parsed(spell.build_parser())
+
+
+@pytest.mark.parametrize("argv", [[], ["--version"], ["help", "cast"], ["bogus"],
+                                  ["-h", "cast"]])
+def test_other_argument_lists_use_the_full_parser(argv):
+    assert spell._command_of(argv) is None
