@@ -279,3 +279,34 @@ def test_help_of_a_command_still_goes_through_the_parser(run_pyz):
     done = run_pyz("cast", "--help")
     assert done.returncode == 0
     assert "--allow-unsigned" in done.stdout
+
+
+def test_install_into_its_own_venv_as_pipx_does(tmp_path, store):
+    # pipx creates a venv per application, installs the project there and
+    # exposes its console scripts. The same here, offline: the venv sees the
+    # machine's packages (the dependencies and the build backend) instead of
+    # downloading them.
+    import venv
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("spell.py", "spell_runner.py", "pyproject.toml", "README.md"):
+        shutil.copyfile(REPO_ROOT / name, src / name)
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--no-build-isolation", str(src)],
+                   check=True, capture_output=True, timeout=300)
+    bin_dir = env_dir / "bin"
+    proc = subprocess.run([str(bin_dir / "spell"), "--version"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (0, f"spell {spell.__version__}\n")
+    proc = subprocess.run([str(bin_dir / "spell"), "install",
+                           str(REPO_ROOT / "examples" / "spells" / "hello")],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=dict(os.environ, SPELL_HOME=str(store)))
+    assert (proc.returncode, proc.stdout) == (0, "samples/hello@1.0.0\n"), proc.stderr
+    proc = subprocess.run([str(bin_dir / "spell-runner")], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith("usage: spell-runner")
